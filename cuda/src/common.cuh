@@ -1,0 +1,43 @@
+// Host-side helpers shared by every .cu file: the per-thread last error, status-returning checks.
+// Kernels' device helpers are in ptx.cuh.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdarg>
+#include <cstdint>
+#include "bun_ep.h"
+
+namespace bun_ep {
+
+// Records `code` and a printf-style message as the calling thread's last error; returns `code`
+// so that callers can write `return set_error(bunEpInvalidArgument, "...")`.
+bunEpResult_t set_error(bunEpResult_t code, const char* fmt, ...);
+
+// The message of a CUDA failure with the expression that produced it.
+bunEpResult_t cuda_error(cudaError_t err, const char* expr, const char* file, int line);
+
+}  // namespace bun_ep
+
+// Return a status from the enclosing bunEpResult_t function when a CUDA call fails.
+#define BUN_EP_CUDA_CHECK(expr)                                                   \
+  do {                                                                            \
+    cudaError_t bun_ep_err_ = (expr);                                             \
+    if (bun_ep_err_ != cudaSuccess)                                               \
+      return ::bun_ep::cuda_error(bun_ep_err_, #expr, __FILE__, __LINE__);        \
+  } while (0)
+
+// After a kernel launch: catch launch-configuration errors at once.
+#define BUN_EP_LAUNCH_CHECK() BUN_EP_CUDA_CHECK(cudaGetLastError())
+
+// Reject an argument: the message must name it, say what was given and what is expected.
+#define BUN_EP_REQUIRE(cond, ...)                                                 \
+  do {                                                                            \
+    if (!(cond)) return ::bun_ep::set_error(bunEpInvalidArgument, __VA_ARGS__);   \
+  } while (0)
+
+// Propagate a non-success status from a helper.
+#define BUN_EP_TRY(expr)                                                          \
+  do {                                                                            \
+    bunEpResult_t bun_ep_res_ = (expr);                                           \
+    if (bun_ep_res_ != bunEpSuccess) return bun_ep_res_;                          \
+  } while (0)
