@@ -155,6 +155,8 @@ export interface LowLatencyDispatchArgs {
   /** true: launch only the send step now; the receive step runs when hook() is called. */
   hook: boolean;
   asyncFinish: boolean;
+  /** CUDA stream (handle) the kernels are launched on, e.g. one being captured into a graph; null = the buffer's comm stream. */
+  stream: number | null;
 }
 
 export interface LowLatencyDispatchResult {
@@ -183,6 +185,8 @@ export interface LowLatencyCombineArgs {
   out: Tensor | null;
   hook: boolean;
   asyncFinish: boolean;
+  /** CUDA stream (handle) to launch on; null = the buffer's comm stream. */
+  stream: number | null;
 }
 
 export interface LowLatencyCombineResult {
