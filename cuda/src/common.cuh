@@ -16,6 +16,13 @@ bunEpResult_t set_error(bunEpResult_t code, const char* fmt, ...);
 // The message of a CUDA failure with the expression that produced it.
 bunEpResult_t cuda_error(cudaError_t err, const char* expr, const char* file, int line);
 
+// Each kernel file advertises what it adds to bun_ep_features() with one namespace-scope
+//   static bun_ep::FeatureRegistration registered_feature(BUN_EP_FEATURE_INTRANODE);
+// (runs when the library loads, so the bits always match what was linked in).
+struct FeatureRegistration {
+  explicit FeatureRegistration(uint64_t featureBit);
+};
+
 }  // namespace bun_ep
 
 // Return a status from the enclosing bunEpResult_t function when a CUDA call fails.
