@@ -14,7 +14,11 @@ export const ABI_VERSION = 1;
 
 const allSymbols = { ...runtimeSymbols, ...normalSymbols, ...lowLatencySymbols };
 
-export type NativeSymbols = Library<typeof allSymbols>["symbols"];
+type RawSymbols = Library<typeof allSymbols>["symbols"];
+/** bun:ffi types "ptr" arguments as its branded Pointer; at run time a plain number (a device or
+ * host address, or a CUDA handle) is accepted, and that is what this package passes around. */
+type AcceptNumbers<F> = F extends (...args: infer A) => infer R ? (...args: { [K in keyof A]: A[K] | number }) => R : F;
+export type NativeSymbols = { readonly [K in keyof RawSymbols]: AcceptNumbers<RawSymbols[K]> };
 
 /** bunEpResult_t codes (cuda/include/bun_ep.h). */
 export const Status = {
@@ -100,7 +104,7 @@ function load(): NativeSymbols {
     );
   }
   try {
-    return dlopen(path, allSymbols).symbols;
+    return dlopen(path, allSymbols).symbols as NativeSymbols;
   } catch (err) {
     throw new Error(
       `bun-ep native library at ${path} (ABI ${version}) lacks a symbol this package binds: ` +

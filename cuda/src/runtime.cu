@@ -198,7 +198,7 @@ bunEpResult_t bun_ep_device_count(int32_t* count) {
     (void)cudaGetLastError();
     return bunEpSuccess;
   }
-  BUN_EP_CUDA_CHECK(err);
+  if (err != cudaSuccess) return cuda_error(err, "cudaGetDeviceCount", __FILE__, __LINE__);
   *count = n;
   return bunEpSuccess;
 }
@@ -216,7 +216,7 @@ bunEpResult_t bun_ep_set_device(int32_t device) {
     (void)cudaGetLastError();
     return require_device(device, "bun_ep_set_device");
   }
-  BUN_EP_CUDA_CHECK(err);
+  if (err != cudaSuccess) return cuda_error(err, "cudaSetDevice", __FILE__, __LINE__);
   return bunEpSuccess;
 }
 
@@ -292,7 +292,7 @@ bunEpResult_t bun_ep_stream_synchronize(void* stream) {
 bunEpResult_t bun_ep_stream_query(void* stream) {
   cudaError_t err = cudaStreamQuery(as_stream(stream));
   if (err == cudaErrorNotReady) return bunEpNotReady;
-  BUN_EP_CUDA_CHECK(err);
+  if (err != cudaSuccess) return cuda_error(err, "cudaStreamQuery", __FILE__, __LINE__);
   return bunEpSuccess;
 }
 
@@ -328,7 +328,7 @@ bunEpResult_t bun_ep_event_query(void* event) {
   BUN_EP_REQUIRE(event != nullptr, "bun_ep_event_query: event must not be NULL");
   cudaError_t err = cudaEventQuery(as_event(event));
   if (err == cudaErrorNotReady) return bunEpNotReady;
-  BUN_EP_CUDA_CHECK(err);
+  if (err != cudaSuccess) return cuda_error(err, "cudaEventQuery", __FILE__, __LINE__);
   return bunEpSuccess;
 }
 
@@ -362,7 +362,7 @@ bunEpResult_t bun_ep_malloc_async(void** ptr, uint64_t bytes, void* stream) {
     return set_error(bunEpOutOfMemory, "bun_ep_malloc_async: out of device memory allocating %llu bytes on device %d",
                      static_cast<unsigned long long>(bytes), device);
   }
-  BUN_EP_CUDA_CHECK(err);
+  if (err != cudaSuccess) return cuda_error(err, "cudaMallocAsync", __FILE__, __LINE__);
   return bunEpSuccess;
 }
 
@@ -384,7 +384,7 @@ bunEpResult_t bun_ep_malloc(void** ptr, uint64_t bytes) {
     return set_error(bunEpOutOfMemory, "bun_ep_malloc: out of device memory allocating %llu bytes on device %d",
                      static_cast<unsigned long long>(bytes), device);
   }
-  BUN_EP_CUDA_CHECK(err);
+  if (err != cudaSuccess) return cuda_error(err, "cudaMalloc", __FILE__, __LINE__);
   return bunEpSuccess;
 }
 
@@ -429,7 +429,7 @@ bunEpResult_t bun_ep_host_alloc_mapped(void** hostPtr, void** devicePtr, uint64_
   cudaError_t err = cudaHostGetDevicePointer(&device, host, 0);
   if (err != cudaSuccess) {
     cudaFreeHost(host);
-    BUN_EP_CUDA_CHECK(err);
+    if (err != cudaSuccess) return cuda_error(err, "cudaHostGetDevicePointer", __FILE__, __LINE__);
   }
   *hostPtr = host;
   *devicePtr = device;
@@ -516,7 +516,7 @@ bunEpResult_t bun_ep_stream_end_capture(void* stream, void** graphExec) {
   cudaGraphExec_t exec = nullptr;
   cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);  // the executable graph keeps its own copy
-  BUN_EP_CUDA_CHECK(err);
+  if (err != cudaSuccess) return cuda_error(err, "cudaGraphInstantiate", __FILE__, __LINE__);
   *graphExec = exec;
   return bunEpSuccess;
 }
