@@ -222,19 +222,16 @@ function defaultConfig(kind: "dispatch" | "combine", numRanks: number, numSMs: n
 
 let nextBufferId = 1;
 
-/** Why "auto" could (not) use CUDA; `ok` when the native library loaded and a device exists. */
+/** Whether "auto" can use CUDA: the native library loads and device `device` exists; else why not. */
 async function probeCuda(device: number): Promise<{ ok: boolean; reason: string }> {
   try {
-    const ffi = (await import("./ffi.ts")) as { nativeAvailability?: () => unknown };
-    if (typeof ffi.nativeAvailability !== "function") return { ok: false, reason: "lib/ffi.ts has no nativeAvailability()" };
-    const a = ffi.nativeAvailability() as { ok?: boolean; available?: boolean; reason?: string; deviceCount?: number; numDevices?: number };
-    const loaded = a.ok ?? a.available ?? false;
-    if (!loaded) return { ok: false, reason: a.reason ?? "the native library did not load" };
-    const count = a.deviceCount ?? a.numDevices;
-    if (count !== undefined && count <= device) {
-      return { ok: false, reason: count === 0 ? "no CUDA device" : `device ${device} does not exist (${count} devices)` };
-    }
-    return { ok: true, reason: a.reason ?? "native library loaded" };
+    const { nativeAvailability } = await import("./ffi.ts");
+    const availability = nativeAvailability();
+    if (!availability.ok) return { ok: false, reason: availability.reason };
+    const { deviceCount } = await import("./stream.ts");
+    const count = deviceCount();
+    if (count <= device) return { ok: false, reason: count === 0 ? "no CUDA device" : `CUDA device ${device} does not exist (${count} devices)` };
+    return { ok: true, reason: `CUDA device ${device} of ${count}` };
   } catch (e) {
     return { ok: false, reason: (e as Error).message };
   }
@@ -305,14 +302,14 @@ export class EpBuffer {
     let reason: string;
     if (choice === "host") {
       kind = "host";
-      reason = "backend: host (requested)";
+      reason = "host (requested)";
     } else {
       const probe = await probeCuda(device);
       if (choice === "cuda" && !probe.ok) {
         failArgument(ctx, "backend", `backend "cuda" cannot run here: ${probe.reason}`);
       }
       kind = probe.ok ? "cuda" : "host";
-      reason = choice === "cuda" ? "backend: cuda (requested)" : probe.ok ? `auto: CUDA device ${device}` : `auto: ${probe.reason}; using host`;
+      reason = choice === "cuda" ? `cuda (requested): ${probe.reason}` : probe.ok ? `auto: ${probe.reason}` : `auto: no CUDA (${firstLine(probe.reason)}); using host`;
     }
     let backend: Backend;
     if (kind === "cuda") {
@@ -493,6 +490,10 @@ export class EpBuffer {
   [Symbol.dispose](): void {
     void this.close();
   }
+}
+
+function firstLine(text: string): string {
+  return text.split("\n")[0] ?? text;
 }
 
 function checkNumSMs(ctx: CheckContext, value: unknown): number {
