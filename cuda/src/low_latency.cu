@@ -1,0 +1,905 @@
+// Low-latency (decode) dispatch and combine over peer pointers (same process or CUDA IPC).
+// C ABI: cuda/include/bun_ep_low_latency.h. Semantics: docs/ARCHITECTURE.md, "Low-latency".
+//
+// Dispatch. Send kernel: every block reads the routing [T, K] into shared memory; per token it
+// finds, for each of its experts, how many earlier tokens of this rank chose that expert (the slot
+// position: packed by source rank, then source token), quantizes the row once (fp8) and writes it
+// with 16-byte stores into each expert owner's staging area [El][R][M] (row + scales + (t, k)).
+// The last block to finish (grid completion counter) publishes the per-(expert, rank) counts and
+// then a ready flag per receiver carrying the call's sequence number, and returns: no block waits.
+// Receive kernel (the hook, or launched right after the send): waits for every live source's flag,
+// takes begins as the prefix of counts over source ranks, and packs staging rows into recvX.
+//
+// Combine. Send kernel: for every valid slot, the expert output row goes to its home rank's
+// receive area [M][maxTopk] at (source token, first top-k position of that expert); the last block
+// raises a flag per home rank. Receive kernel: waits for the flags, then sums over k in order in f32
+// (no FMA: __fmul_rn/__fadd_rn) and rounds to bf16 once.
+//
+// Nothing is cleared between calls: flags hold the per-parity call number kept in device memory
+// (each rank counts its own calls; all ranks make the same calls), so stale flags are always
+// smaller. Every spin is bounded by the global timer; a timeout writes the missing rank into mapped
+// host memory that bun_ep_ll_check reads.
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <vector>
+
+#include "common.cuh"
+#include "ptx.cuh"
+
+#ifndef BUN_EP_WITH_NVSHMEM
+#define BUN_EP_WITH_NVSHMEM 0
+#endif
+
+namespace bun_ep {
+namespace ll {
+
+static FeatureRegistration registered_feature(BUN_EP_FEATURE_LOW_LATENCY);
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxTopk = 16;
+constexpr int kMaxRanks = 512;
+constexpr int kGroupSize = 128;  // channels per FP8 scale
+constexpr int kUe8m0GroupsPerWord = 4;
+constexpr float kAmaxFloor = 1e-4f;
+constexpr float kE4m3Max = 448.0f;
+// Resident blocks of kThreads we count on per SM when sizing waiting grids (conservative).
+constexpr int kBlocksPerSm = 4;
+
+enum Phase : int { kPhaseDispatch = 1, kPhaseCombine = 2 };
+
+constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+// Byte offsets of everything in one rank's buffer. Identical on every rank (same config), so a
+// sender computes a peer's addresses from the peer's base pointer.
+struct Layout {
+  int numRanks, numLocalExperts, maxTokens, hidden, maxTopk;
+  int64_t slotsPerExpert;   // R * M
+  int64_t stagingRowBytes;  // payload (2H) | scales (f32 [H/128], padded) | meta int4 (t, k)
+  int64_t scalesOffsetInRow, metaOffsetInRow;
+  // offsets inside one parity region
+  int64_t staging, dispatchCounts, dispatchReady, combineRecv, combineReady;
+  int64_t recvX, recvScales, recvCount, srcTokenIdx, layoutRange, slotRoute, combineBuffer, combinedX;
+  int64_t parityBytes;
+  int64_t state;  // after both parities: State
+  int64_t totalBytes;
+};
+
+// Local bookkeeping of one rank (never written by peers).
+struct State {
+  int failed;  // a wait of this rank timed out: later waits give up at once (mirrors errorWord)
+  int dispatchSeq[2];
+  int combineSeq[2];
+  int dispatchDone[2];  // grid completion counters of the send kernels
+  int combineDone[2];
+  int alive[kMaxRanks];
+};
+
+Layout make_layout(const bunEpLowLatencyConfig_t& c) {
+  Layout l{};
+  l.numRanks = (int)c.numRanks;
+  l.numLocalExperts = (int)(c.numExperts / c.numRanks);
+  l.maxTokens = (int)c.maxTokensPerRank;
+  l.hidden = (int)c.hidden;
+  l.maxTopk = (int)c.maxTopk;
+  l.slotsPerExpert = c.numRanks * c.maxTokensPerRank;
+  l.scalesOffsetInRow = 2 * c.hidden;
+  l.metaOffsetInRow = l.scalesOffsetInRow + align_up(c.hidden / kGroupSize * 4, 16);
+  l.stagingRowBytes = l.metaOffsetInRow + 16;
+
+  const int64_t rows = l.numLocalExperts * l.slotsPerExpert;
+  int64_t offset = 0;
+  auto take = [&offset](int64_t bytes) {
+    offset = align_up(offset, 256);
+    const int64_t at = offset;
+    offset += bytes;
+    return at;
+  };
+  l.staging = take(rows * l.stagingRowBytes);
+  l.dispatchCounts = take((int64_t)l.numLocalExperts * l.numRanks * 4);
+  l.dispatchReady = take((int64_t)l.numRanks * 4);
+  l.combineRecv = take((int64_t)l.maxTokens * l.maxTopk * l.hidden * 2);
+  l.combineReady = take((int64_t)l.numRanks * 4);
+  l.recvX = take(rows * l.hidden * 2);
+  l.recvScales = take(rows * (l.hidden / kGroupSize) * 4);
+  l.recvCount = take((int64_t)l.numLocalExperts * 4);
+  l.srcTokenIdx = take(rows * 4);
+  l.layoutRange = take((int64_t)l.numLocalExperts * l.numRanks * 2 * 4);
+  l.slotRoute = take(rows * 4);
+  l.combineBuffer = take(rows * l.hidden * 2);
+  l.combinedX = take((int64_t)l.maxTokens * l.hidden * 2);
+  l.parityBytes = align_up(offset, 256);
+  l.state = 2 * l.parityBytes;
+  l.totalBytes = align_up(l.state + (int64_t)sizeof(State), 256);
+  return l;
+}
+
+// What every kernel needs besides its own arguments.
+struct Common {
+  Layout layout;
+  int rank, numExperts, parity;
+  uint64_t timeoutNs;
+  char* const* peers;  // device array [R]: every rank's buffer base as this process sees it
+  char* local;         // this rank's buffer
+  State* state;
+  volatile int* errorWord;  // mapped host memory: [0] set, [1] missing rank, [2] phase
+
+  __device__ char* parity_base(char* buffer) const { return buffer + parity * layout.parityBytes; }
+  __device__ char* local_region() const { return parity_base(local); }
+};
+
+struct DispatchParams {
+  Common c;
+  const int64_t* topkIdx;
+  const __nv_bfloat16* x;
+  int numTokens, numTopk;
+  bool useFp8, roundScale, useUe8m0;
+  int* cumulativeRecvStats;
+  unsigned long long* waitStats;
+  int recvSplitsPerExpert;
+};
+
+struct CombineParams {
+  Common c;
+  const __nv_bfloat16* x;
+  const int64_t* topkIdx;
+  const float* topkWeights;
+  __nv_bfloat16* out;
+  int numTokens, numTopk;
+};
+
+// ---- device helpers --------------------------------------------------------------------------
+
+__device__ __forceinline__ void record_timeout(State* state, volatile int* errorWord, int missingRank, int phase) {
+  *reinterpret_cast<volatile int*>(&state->failed) = 1;
+  if (errorWord[0] != 0) return;
+  errorWord[1] = missingRank;
+  errorWord[2] = phase;
+  __threadfence_system();
+  errorWord[0] = 1;
+  __threadfence_system();
+}
+
+// Copy n int4 from src to dst by one warp, four loads in flight per lane.
+template <bool kSrcCoherent>
+__device__ __forceinline__ void warp_copy_int4(int4* dst, const int4* src, int n, int lane) {
+  int i = lane;
+  for (; i + 96 < n; i += 128) {
+    int4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = kSrcCoherent ? __ldcg(src + i + 32 * u) : ld_nc_int4(src + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) st_na_int4(dst + i + 32 * u, v[u]);
+  }
+  for (; i < n; i += 32) st_na_int4(dst + i, kSrcCoherent ? __ldcg(src + i) : ld_nc_int4(src + i));
+}
+
+// The block's routing in shared memory: valid expert ids, -1 for none, out of range, or an expert
+// repeated earlier in the same row (a token goes to an expert once, at its first position).
+__device__ void load_routing(const int64_t* topkIdx, int numTokens, int numTopk, int numExperts, int* s_topk) {
+  for (int i = threadIdx.x; i < numTokens * numTopk; i += blockDim.x) {
+    const int t = i / numTopk, k = i % numTopk;
+    const int64_t e = topkIdx[i];
+    int value = (e >= 0 && e < numExperts) ? (int)e : -1;
+    for (int j = 0; j < k && value >= 0; ++j)
+      if (topkIdx[(int64_t)t * numTopk + j] == e) value = -1;
+    s_topk[i] = value;
+  }
+}
+
+// Grid completion: true in exactly one block (the last to arrive), after every block's writes
+// are visible system-wide. The counter is reset by that block for the next launch.
+__device__ bool last_block_to_finish(int* counter, int* s_flag) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) *s_flag = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+  __syncthreads();
+  if (!*s_flag) return false;
+  __threadfence_system();
+  if (threadIdx.x == 0) *counter = 0;
+  return true;
+}
+
+__device__ __forceinline__ float power_of_two_ceil(float s) {
+  const uint32_t bits = __float_as_uint(s);
+  const uint32_t exponent = (bits >> 23) + ((bits & 0x7fffffu) != 0 ? 1u : 0u);
+  return __uint_as_float(exponent << 23);
+}
+
+__device__ __forceinline__ void unpack_bf16x8(const int4& v, float* out) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// ---- dispatch: send ----------------------------------------------------------------------------
+
+// Slot position of token t for each of its experts (number of earlier tokens with that expert),
+// and where its row goes (nullptr: no expert, or its owner is dead). Collective over the block.
+__device__ void plan_token(const DispatchParams& p, const int* s_topk, const int* s_alive, int t, int* s_pos,
+                           char** s_dest) {
+  const Common& c = p.c;
+  const int K = p.numTopk;
+  int mine[kMaxTopk];
+  unsigned count[kMaxTopk];
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) {
+    mine[k] = k < K ? s_topk[t * K + k] : -1;
+    count[k] = 0;
+  }
+  if (threadIdx.x < kMaxTopk) s_pos[threadIdx.x] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < t * K; i += blockDim.x) {
+    const int e = s_topk[i];
+    if (e < 0) continue;
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) count[k] += (e == mine[k]) ? 1u : 0u;
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) {
+    const unsigned total = __reduce_add_sync(0xffffffffu, count[k]);
+    if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
+  }
+  __syncthreads();
+  if (threadIdx.x < K) {
+    const int k = threadIdx.x;
+    const int e = s_topk[t * K + k];
+    char* dest = nullptr;
+    const int owner = e >= 0 ? e / c.layout.numLocalExperts : -1;
+    if (owner >= 0 && s_alive[owner]) {
+      const int localExpert = e % c.layout.numLocalExperts;
+      const int64_t row = ((int64_t)localExpert * c.layout.numRanks + c.rank) * c.layout.maxTokens + s_pos[k];
+      dest = c.parity_base(c.peers[owner]) + c.layout.staging + row * c.layout.stagingRowBytes;
+    }
+    s_dest[k] = dest;
+  }
+  __syncthreads();
+}
+
+// bf16: every thread moves 8 channels (one int4) to each destination.
+__device__ void send_row_bf16(const DispatchParams& p, int t, char* const* s_dest) {
+  const int H = p.c.layout.hidden;
+  const int4* src = reinterpret_cast<const int4*>(p.x + (int64_t)t * H);
+  for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
+    const int4 value = ld_nc_int4(src + v);
+    for (int k = 0; k < p.numTopk; ++k)
+      if (s_dest[k] != nullptr) st_na_int4(reinterpret_cast<int4*>(s_dest[k]) + v, value);
+  }
+}
+
+// fp8: every thread quantizes 16 channels (8 threads per 128-channel group) and stores 16 bytes
+// to each destination; the first thread of a group also stores the group's scale.
+__device__ void send_row_fp8(const DispatchParams& p, int t, char* const* s_dest) {
+  const int H = p.c.layout.hidden;
+  const bool roundScale = p.roundScale || p.useUe8m0;
+  const int4* src = reinterpret_cast<const int4*>(p.x + (int64_t)t * H);
+  for (int base = 0; base < H / 16; base += blockDim.x) {
+    const int v = base + threadIdx.x;
+    const bool active = v < H / 16;
+    float values[16];
+    float amax = 0.0f;
+    if (active) {
+      unpack_bf16x8(ld_nc_int4(src + 2 * v), values);
+      unpack_bf16x8(ld_nc_int4(src + 2 * v + 1), values + 8);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(values[i]));
+    }
+#pragma unroll
+    for (int mask = 4; mask >= 1; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+    if (!active) continue;
+    amax = fmaxf(amax, kAmaxFloor);
+    float scale = __fdiv_rn(amax, kE4m3Max);
+    float multiplier;
+    if (roundScale) {
+      scale = power_of_two_ceil(scale);
+      multiplier = __frcp_rn(scale);  // exact for a power of two
+    } else {
+      multiplier = __fdiv_rn(kE4m3Max, amax);
+    }
+    uint32_t words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const __nv_fp8_storage_t q =
+            __nv_cvt_float_to_fp8(__fmul_rn(values[4 * w + b], multiplier), __NV_SATFINITE, __NV_E4M3);
+        word |= (uint32_t)q << (8 * b);
+      }
+      words[w] = word;
+    }
+    const int4 packed = make_int4((int)words[0], (int)words[1], (int)words[2], (int)words[3]);
+    const bool groupLeader = (v % (kGroupSize / 16)) == 0;
+    for (int k = 0; k < p.numTopk; ++k) {
+      char* dest = s_dest[k];
+      if (dest == nullptr) continue;
+      st_na_int4(reinterpret_cast<int4*>(dest) + v, packed);
+      if (groupLeader)
+        reinterpret_cast<float*>(dest + p.c.layout.scalesOffsetInRow)[v / (kGroupSize / 16)] = scale;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(DispatchParams p) {
+  extern __shared__ int s_dynamic[];
+  __shared__ int s_alive[kMaxRanks];
+  __shared__ int s_pos[kMaxTopk];
+  __shared__ char* s_dest[kMaxTopk];
+  __shared__ int s_last;
+  const Common& c = p.c;
+  const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens;
+  int* s_topk = s_dynamic;              // [T * K]
+  int* s_expertCount = s_dynamic + T * K;  // [numExperts], last block only
+
+  const bool selfAlive = c.state->alive[c.rank] != 0;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) s_alive[r] = selfAlive && c.state->alive[r] != 0;
+  load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
+  const int seq = c.state->dispatchSeq[c.parity] + 1;
+  __syncthreads();
+
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    plan_token(p, s_topk, s_alive, t, s_pos, s_dest);
+    if (p.useFp8) {
+      send_row_fp8(p, t, s_dest);
+    } else {
+      send_row_bf16(p, t, s_dest);
+    }
+    if (threadIdx.x < K && s_dest[threadIdx.x] != nullptr)
+      *reinterpret_cast<int4*>(s_dest[threadIdx.x] + c.layout.metaOffsetInRow) = make_int4(t, threadIdx.x, 0, 0);
+    __syncthreads();  // s_dest is rewritten for the next token
+  }
+
+  if (!last_block_to_finish(&c.state->dispatchDone[c.parity], &s_last)) return;
+
+  // Every row of this call is visible: publish counts, then the flags that cover them.
+  for (int e = threadIdx.x; e < c.numExperts; e += blockDim.x) s_expertCount[e] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < T * K; i += blockDim.x)
+    if (s_topk[i] >= 0) atomicAdd(&s_expertCount[s_topk[i]], 1);
+  __syncthreads();
+  const int El = c.layout.numLocalExperts;
+  for (int e = threadIdx.x; e < c.numExperts; e += blockDim.x) {
+    const int owner = e / El;
+    if (!s_alive[owner]) continue;
+    int* counts = reinterpret_cast<int*>(c.parity_base(c.peers[owner]) + c.layout.dispatchCounts);
+    counts[(e % El) * R + c.rank] = s_expertCount[e];
+  }
+  __threadfence_system();
+  __syncthreads();
+  for (int q = threadIdx.x; q < R; q += blockDim.x) {
+    if (!s_alive[q]) continue;
+    int* ready = reinterpret_cast<int*>(c.parity_base(c.peers[q]) + c.layout.dispatchReady);
+    st_release_sys(ready + c.rank, seq);
+  }
+  if (threadIdx.x == 0) c.state->dispatchSeq[c.parity] = seq;
+}
+
+// ---- dispatch: receive -------------------------------------------------------------------------
+
+// Moves one staging row (source rank s, its j-th token for this expert) to packed slot `slot`.
+__device__ void unpack_row(const DispatchParams& p, char* region, int localExpert, int s, int j, int slot, int lane) {
+  const Layout& l = p.c.layout;
+  const int H = l.hidden;
+  const char* row = region + l.staging +
+                    (((int64_t)localExpert * l.numRanks + s) * l.maxTokens + j) * l.stagingRowBytes;
+  const int64_t flatSlot = (int64_t)localExpert * l.slotsPerExpert + slot;
+  const int payloadBytes = p.useFp8 ? H : 2 * H;
+  warp_copy_int4<true>(reinterpret_cast<int4*>(region + l.recvX + flatSlot * payloadBytes),
+                       reinterpret_cast<const int4*>(row), payloadBytes / 16, lane);
+  if (p.useFp8) {
+    const float* scales = reinterpret_cast<const float*>(row + l.scalesOffsetInRow);
+    const int numGroups = H / kGroupSize;
+    if (p.useUe8m0) {
+      const int numWords = numGroups / kUe8m0GroupsPerWord;
+      uint32_t* out = reinterpret_cast<uint32_t*>(region + l.recvScales) + flatSlot * numWords;
+      for (int w = lane; w < numWords; w += 32) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int b = 0; b < kUe8m0GroupsPerWord; ++b)
+          word |= ((__float_as_uint(__ldcg(scales + kUe8m0GroupsPerWord * w + b)) >> 23) & 0xffu) << (8 * b);
+        out[w] = word;
+      }
+    } else {
+      float* out = reinterpret_cast<float*>(region + l.recvScales) + flatSlot * numGroups;
+      for (int g = lane; g < numGroups; g += 32) out[g] = __ldcg(scales + g);
+    }
+  }
+  if (lane == 0) {
+    const int4 meta = __ldcg(reinterpret_cast<const int4*>(row + l.metaOffsetInRow));
+    reinterpret_cast<int*>(region + l.srcTokenIdx)[flatSlot] = meta.x;
+    reinterpret_cast<int*>(region + l.slotRoute)[flatSlot] = (s << 16) | meta.y;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(DispatchParams p) {
+  __shared__ int s_count[kMaxRanks];
+  __shared__ int s_begin[kMaxRanks + 1];
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int R = l.numRanks;
+  char* region = c.local_region();
+  const int seq = c.state->dispatchSeq[c.parity];
+  const bool selfAlive = c.state->alive[c.rank] != 0;
+  const int* ready = reinterpret_cast<const int*>(region + l.dispatchReady);
+  const int* counts = reinterpret_cast<const int*>(region + l.dispatchCounts);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int splits = p.recvSplitsPerExpert;
+
+  for (int item = blockIdx.x; item < l.numLocalExperts * splits; item += gridDim.x) {
+    const int localExpert = item / splits, split = item % splits;
+    for (int s = threadIdx.x; s < R; s += blockDim.x) {
+      int count = 0;
+      if (selfAlive && c.state->alive[s]) {
+        const uint64_t start = globaltimer_ns();
+        if (ld_volatile(&c.state->failed) == 0 && wait_at_least(ready + s, seq, c.timeoutNs)) {
+          count = ld_volatile(counts + localExpert * R + s);
+        } else {
+          record_timeout(c.state, c.errorWord, s, kPhaseDispatch);
+        }
+        if (item == 0 && p.waitStats != nullptr) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
+      }
+      s_count[s] = count;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int sum = 0;
+      for (int s = 0; s < R; ++s) {
+        s_begin[s] = sum;
+        sum += s_count[s];
+      }
+      s_begin[R] = sum;
+    }
+    __syncthreads();
+    const int total = s_begin[R];
+    if (split == 0) {
+      int* range = reinterpret_cast<int*>(region + l.layoutRange) + (int64_t)localExpert * R * 2;
+      for (int s = threadIdx.x; s < R; s += blockDim.x) {
+        range[2 * s] = s_begin[s];
+        range[2 * s + 1] = s_count[s];
+      }
+      if (threadIdx.x == 0) {
+        reinterpret_cast<int*>(region + l.recvCount)[localExpert] = total;
+        if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + localExpert, total);
+      }
+    }
+    int s = 0;
+    for (int slot = split * kWarps + warp; slot < total; slot += splits * kWarps) {
+      while (slot >= s_begin[s + 1]) ++s;  // slots ascend, so the source rank only moves forward
+      unpack_row(p, region, localExpert, s, slot - s_begin[s], slot, lane);
+    }
+    __syncthreads();  // s_count/s_begin are reused by the next item
+  }
+}
+
+// ---- combine -------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(CombineParams p) {
+  __shared__ int s_last;
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int R = l.numRanks;
+  char* region = c.local_region();
+  const int seq = c.state->combineSeq[c.parity] + 1;
+  const bool selfAlive = c.state->alive[c.rank] != 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int globalWarp = blockIdx.x * kWarps + warp, numWarps = gridDim.x * kWarps;
+  const int rowInt4 = l.hidden * 2 / 16;
+  const int* recvCount = reinterpret_cast<const int*>(region + l.recvCount);
+  const int* route = reinterpret_cast<const int*>(region + l.slotRoute);
+  const int* srcToken = reinterpret_cast<const int*>(region + l.srcTokenIdx);
+
+  if (selfAlive) {
+    for (int e = 0; e < l.numLocalExperts; ++e) {
+      const int count = recvCount[e];
+      for (int slot = globalWarp; slot < count; slot += numWarps) {
+        const int64_t flat = (int64_t)e * l.slotsPerExpert + slot;
+        const int r = route[flat], s = r >> 16, k = r & 0xffff;
+        if (!c.state->alive[s]) continue;
+        const int t = srcToken[flat];
+        int4* dst = reinterpret_cast<int4*>(c.parity_base(c.peers[s]) + l.combineRecv +
+                                            ((int64_t)t * l.maxTopk + k) * l.hidden * 2);
+        warp_copy_int4<false>(dst, reinterpret_cast<const int4*>(p.x + flat * l.hidden), rowInt4, lane);
+      }
+    }
+  }
+
+  if (!last_block_to_finish(&c.state->combineDone[c.parity], &s_last)) return;
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    if (!selfAlive || !c.state->alive[s]) continue;
+    int* ready = reinterpret_cast<int*>(c.parity_base(c.peers[s]) + l.combineReady);
+    st_release_sys(ready + c.rank, seq);
+  }
+  if (threadIdx.x == 0) c.state->combineSeq[c.parity] = seq;
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(CombineParams p) {
+  __shared__ int s_row[kMaxTopk];
+  __shared__ float s_weight[kMaxTopk];
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int R = l.numRanks, K = p.numTopk, H = l.hidden, El = l.numLocalExperts;
+  char* region = c.local_region();
+  const int seq = c.state->combineSeq[c.parity];
+  const bool selfAlive = c.state->alive[c.rank] != 0;
+  const bool failedBefore = ld_volatile(&c.state->failed) != 0;
+  const int* ready = reinterpret_cast<const int*>(region + l.combineReady);
+
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    if (!selfAlive || !c.state->alive[s]) continue;
+    if (failedBefore || !wait_at_least(ready + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
+  }
+  __syncthreads();
+
+  const char* rows = region + l.combineRecv;
+  for (int t = blockIdx.x; t < p.numTokens; t += gridDim.x) {
+    if (threadIdx.x < K) {
+      const int k = threadIdx.x;
+      const int64_t e = p.topkIdx[(int64_t)t * K + k];
+      int first = k;  // a repeated expert's row sits at its first position
+      for (int j = 0; j < k; ++j)
+        if (p.topkIdx[(int64_t)t * K + j] == e) {
+          first = j;
+          break;
+        }
+      const bool valid = selfAlive && e >= 0 && e < c.numExperts && c.state->alive[e / El];
+      s_row[k] = valid ? first : -1;
+      s_weight[k] = p.topkWeights[(int64_t)t * K + k];
+    }
+    __syncthreads();
+    for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const int row = s_row[k];
+        if (row < 0) continue;
+        const int4 packed =
+            __ldcg(reinterpret_cast<const int4*>(rows + ((int64_t)t * l.maxTopk + row) * H * 2) + v);
+        float values[8];
+        unpack_bf16x8(packed, values);
+        const float w = s_weight[k];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, values[i]));
+      }
+      __nv_bfloat162 outPairs[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) outPairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+      reinterpret_cast<int4*>(p.out + (int64_t)t * H)[v] = *reinterpret_cast<const int4*>(outPairs);
+    }
+    __syncthreads();
+  }
+}
+
+// ---- host side -------------------------------------------------------------------------------------
+
+struct Context {
+  bunEpLowLatencyConfig_t config;
+  Layout layout;
+  int device;
+  char* local;
+  char** peersDevice;
+  int* errorHost;
+  int* errorDevice;
+  bool unusable;
+  int dispatchSendSmem;
+  int waitingBlockBudget;  // blocks of kThreads one rank may keep spinning
+};
+
+int64_t dispatch_send_smem(const bunEpLowLatencyConfig_t& c) {
+  return (c.maxTokensPerRank * c.maxTopk + c.numExperts) * (int64_t)sizeof(int);
+}
+
+bunEpResult_t check_config(const bunEpLowLatencyConfig_t* c) {
+  BUN_EP_REQUIRE(c != nullptr, "config: expected a bunEpLowLatencyConfig_t pointer, got NULL");
+  BUN_EP_REQUIRE(c->numRanks >= 1 && c->numRanks <= kMaxRanks, "numRanks: expected 1..%d, got %lld", kMaxRanks,
+                 (long long)c->numRanks);
+  BUN_EP_REQUIRE(c->rank >= 0 && c->rank < c->numRanks, "rank: expected 0..%lld, got %lld",
+                 (long long)c->numRanks - 1, (long long)c->rank);
+  BUN_EP_REQUIRE(c->numExperts >= c->numRanks && c->numExperts % c->numRanks == 0,
+                 "numExperts: expected a positive multiple of numRanks %lld, got %lld", (long long)c->numRanks,
+                 (long long)c->numExperts);
+  BUN_EP_REQUIRE(c->maxTokensPerRank >= 1 && c->maxTokensPerRank <= 65535,
+                 "maxTokensPerRank: expected 1..65535, got %lld", (long long)c->maxTokensPerRank);
+  BUN_EP_REQUIRE(c->hidden >= kGroupSize && c->hidden % kGroupSize == 0,
+                 "hidden: expected a positive multiple of %d, got %lld", kGroupSize, (long long)c->hidden);
+  BUN_EP_REQUIRE(c->maxTopk >= 1 && c->maxTopk <= kMaxTopk, "maxTopk: expected 1..%d, got %lld", kMaxTopk,
+                 (long long)c->maxTopk);
+  BUN_EP_REQUIRE(c->timeoutNs > 0, "timeoutNs: expected > 0, got %lld", (long long)c->timeoutNs);
+  BUN_EP_REQUIRE(dispatch_send_smem(*c) <= 200 * 1024,
+                 "maxTokensPerRank * maxTopk + numExperts: %lld exceeds the %d ints of shared memory the send "
+                 "kernel may use",
+                 (long long)(c->maxTokensPerRank * c->maxTopk + c->numExperts), 200 * 1024 / 4);
+  BUN_EP_REQUIRE(c->transport == BUN_EP_LL_TRANSPORT_PEER_POINTERS || c->transport == BUN_EP_LL_TRANSPORT_NVSHMEM,
+                 "transport: expected BUN_EP_LL_TRANSPORT_PEER_POINTERS (0) or _NVSHMEM (1), got %lld",
+                 (long long)c->transport);
+  return bunEpSuccess;
+}
+
+Context* context_of(void* handle) { return static_cast<Context*>(handle); }
+
+bunEpResult_t enter(Context* ctx) {
+  BUN_EP_REQUIRE(ctx != nullptr, "context: expected a context from bun_ep_ll_create, got NULL");
+  if (ctx->unusable)
+    return set_error(bunEpUnusable,
+                     "low-latency context of rank %lld: an earlier wait timed out (rank %d never arrived); "
+                     "recreate the buffer",
+                     (long long)ctx->config.rank, ctx->errorHost[1]);
+  BUN_EP_CUDA_CHECK(cudaSetDevice(ctx->device));
+  return bunEpSuccess;
+}
+
+Common common_of(const Context* ctx, int parity) {
+  Common c{};
+  c.layout = ctx->layout;
+  c.rank = (int)ctx->config.rank;
+  c.numExperts = (int)ctx->config.numExperts;
+  c.parity = parity;
+  c.timeoutNs = (uint64_t)ctx->config.timeoutNs;
+  c.peers = ctx->peersDevice;
+  c.local = ctx->local;
+  c.state = reinterpret_cast<State*>(ctx->local + ctx->layout.state);
+  c.errorWord = ctx->errorDevice;
+  return c;
+}
+
+// Flags, counters and sequence numbers (not the data: stale rows are never read).
+bunEpResult_t clear_flags(Context* ctx, cudaStream_t stream) {
+  const Layout& l = ctx->layout;
+  for (int parity = 0; parity < 2; ++parity) {
+    char* region = ctx->local + parity * l.parityBytes;
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchReady, 0, l.numRanks * 4, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineReady, 0, l.numRanks * 4, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchCounts, 0, (size_t)l.numLocalExperts * l.numRanks * 4, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.recvCount, 0, (size_t)l.numLocalExperts * 4, stream));
+  }
+  BUN_EP_CUDA_CHECK(cudaMemsetAsync(ctx->local + l.state, 0, offsetof(State, alive), stream));
+  return bunEpSuccess;
+}
+
+}  // namespace ll
+}  // namespace bun_ep
+
+using namespace bun_ep;
+using namespace bun_ep::ll;
+
+extern "C" {
+
+bunEpResult_t bun_ep_ll_buffer_bytes(const bunEpLowLatencyConfig_t* config, uint64_t* bytes) {
+  BUN_EP_TRY(check_config(config));
+  BUN_EP_REQUIRE(bytes != nullptr, "bytes: expected a uint64_t pointer, got NULL");
+  *bytes = (uint64_t)make_layout(*config).totalBytes;
+  return bunEpSuccess;
+}
+
+bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** context) {
+  BUN_EP_TRY(check_config(config));
+  BUN_EP_REQUIRE(context != nullptr, "context: expected a void* pointer, got NULL");
+  BUN_EP_REQUIRE(config->localBuffer != nullptr, "localBuffer: expected the rank's registered buffer, got NULL");
+  BUN_EP_REQUIRE(config->peerBuffers != nullptr, "peerBuffers: expected an array of %lld pointers, got NULL",
+                 (long long)config->numRanks);
+  if (config->transport == BUN_EP_LL_TRANSPORT_NVSHMEM) {
+    return set_error(bunEpNotSupported,
+                     "transport: the NVSHMEM low-latency path is not available in this build (%s); use peer "
+                     "pointers (BUN_EP_LL_TRANSPORT_PEER_POINTERS)",
+                     BUN_EP_WITH_NVSHMEM ? "built with NVSHMEM, but the NVSHMEM transport is not implemented yet"
+                                         : "built without NVSHMEM");
+  }
+  for (int64_t r = 0; r < config->numRanks; ++r)
+    BUN_EP_REQUIRE(config->peerBuffers[r] != 0, "peerBuffers[%lld]: expected rank %lld's buffer, got NULL",
+                   (long long)r, (long long)r);
+
+  Context* ctx = new Context{};
+  ctx->config = *config;
+  ctx->config.peerBuffers = nullptr;
+  ctx->layout = make_layout(*config);
+  ctx->local = static_cast<char*>(config->localBuffer);
+  auto fail = [ctx](bunEpResult_t status) {
+    if (ctx->peersDevice != nullptr) cudaFree(ctx->peersDevice);
+    if (ctx->errorHost != nullptr) cudaFreeHost(ctx->errorHost);
+    delete ctx;
+    return status;
+  };
+  auto cuda = [&](cudaError_t err, const char* what) {
+    return err == cudaSuccess ? bunEpSuccess : cuda_error(err, what, __FILE__, __LINE__);
+  };
+  bunEpResult_t status = cuda(cudaGetDevice(&ctx->device), "cudaGetDevice");
+  if (status == bunEpSuccess) status = cuda(cudaMalloc(&ctx->peersDevice, config->numRanks * sizeof(char*)), "cudaMalloc(peers)");
+  if (status == bunEpSuccess)
+    status = cuda(cudaMemcpy(ctx->peersDevice, config->peerBuffers, config->numRanks * sizeof(char*), cudaMemcpyHostToDevice),
+                  "cudaMemcpy(peers)");
+  if (status == bunEpSuccess)
+    status = cuda(cudaHostAlloc(&ctx->errorHost, 64, cudaHostAllocMapped | cudaHostAllocPortable), "cudaHostAlloc(error word)");
+  if (status == bunEpSuccess) {
+    std::memset(ctx->errorHost, 0, 64);
+    status = cuda(cudaHostGetDevicePointer(&ctx->errorDevice, ctx->errorHost, 0), "cudaHostGetDevicePointer(error word)");
+  }
+  if (status == bunEpSuccess) {
+    ctx->dispatchSendSmem = (int)dispatch_send_smem(*config);
+    if (ctx->dispatchSendSmem > 48 * 1024)
+      status = cuda(cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         200 * 1024),
+                    "cudaFuncSetAttribute(dispatch_send_kernel)");
+  }
+  if (status == bunEpSuccess) status = clear_flags(ctx, 0);
+  if (status == bunEpSuccess) {
+    std::vector<int> alive(kMaxRanks, 0);
+    for (int64_t r = 0; r < config->numRanks; ++r) alive[r] = 1;
+    status = cuda(cudaMemcpy(ctx->local + ctx->layout.state + offsetof(State, alive), alive.data(),
+                             kMaxRanks * sizeof(int), cudaMemcpyHostToDevice),
+                  "cudaMemcpy(alive)");
+  }
+  if (status == bunEpSuccess) status = cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  if (status != bunEpSuccess) return fail(status);
+  const int64_t ranksOnDevice = std::max<int64_t>(1, config->ranksOnDevice);
+  const int64_t numSMs = std::max<int64_t>(1, config->numSMs);
+  // Waiting blocks of all ranks on this GPU take at most half its slots: senders always fit.
+  ctx->waitingBlockBudget = (int)std::max<int64_t>(1, numSMs * kBlocksPerSm / (2 * ranksOnDevice));
+  *context = ctx;
+  return bunEpSuccess;
+}
+
+bunEpResult_t bun_ep_ll_destroy(void* context) {
+  Context* ctx = context_of(context);
+  if (ctx == nullptr) return bunEpSuccess;
+  cudaSetDevice(ctx->device);
+  cudaError_t err = cudaFree(ctx->peersDevice);
+  cudaError_t errHost = cudaFreeHost(ctx->errorHost);
+  delete ctx;
+  BUN_EP_CUDA_CHECK(err);
+  BUN_EP_CUDA_CHECK(errHost);
+  return bunEpSuccess;
+}
+
+bunEpResult_t bun_ep_ll_views(void* context, int32_t parity, bunEpLowLatencyViews_t* views) {
+  Context* ctx = context_of(context);
+  BUN_EP_REQUIRE(ctx != nullptr, "context: expected a context from bun_ep_ll_create, got NULL");
+  BUN_EP_REQUIRE(parity == 0 || parity == 1, "parity: expected 0 or 1, got %d", parity);
+  BUN_EP_REQUIRE(views != nullptr, "views: expected a bunEpLowLatencyViews_t pointer, got NULL");
+  const Layout& l = ctx->layout;
+  char* region = ctx->local + parity * l.parityBytes;
+  views->recvX = region + l.recvX;
+  views->recvXScales = region + l.recvScales;
+  views->recvCount = region + l.recvCount;
+  views->srcTokenIdx = region + l.srcTokenIdx;
+  views->layoutRange = region + l.layoutRange;
+  views->combineBuffer = region + l.combineBuffer;
+  views->combinedX = region + l.combinedX;
+  return bunEpSuccess;
+}
+
+bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArgs_t* args) {
+  Context* ctx = context_of(context);
+  BUN_EP_TRY(enter(ctx));
+  BUN_EP_REQUIRE(args != nullptr, "args: expected a bunEpLowLatencyDispatchArgs_t pointer, got NULL");
+  const bunEpLowLatencyConfig_t& cfg = ctx->config;
+  BUN_EP_REQUIRE(args->numTokens >= 0 && args->numTokens <= cfg.maxTokensPerRank,
+                 "numTokens: expected 0..maxTokensPerRank %lld, got %lld", (long long)cfg.maxTokensPerRank,
+                 (long long)args->numTokens);
+  BUN_EP_REQUIRE(args->numTopk >= 1 && args->numTopk <= cfg.maxTopk, "numTopk: expected 1..maxTopk %lld, got %lld",
+                 (long long)cfg.maxTopk, (long long)args->numTopk);
+  BUN_EP_REQUIRE(args->parity == 0 || args->parity == 1, "parity: expected 0 or 1, got %lld", (long long)args->parity);
+  BUN_EP_REQUIRE(args->numTokens == 0 || (args->x != nullptr && args->topkIdx != nullptr),
+                 "x/topkIdx: expected device pointers for %lld tokens, got NULL", (long long)args->numTokens);
+  BUN_EP_REQUIRE(!args->useUe8m0 || cfg.hidden % (kGroupSize * kUe8m0GroupsPerWord) == 0,
+                 "useUe8m0: hidden must be a multiple of %d, got %lld", kGroupSize * kUe8m0GroupsPerWord,
+                 (long long)cfg.hidden);
+  BUN_EP_REQUIRE((args->phases & ~(int64_t)(BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) == 0 && args->phases != 0,
+                 "phases: expected BUN_EP_LL_PHASE_SEND and/or _RECV bits, got %lld", (long long)args->phases);
+
+  DispatchParams p{};
+  p.c = common_of(ctx, (int)args->parity);
+  p.topkIdx = static_cast<const int64_t*>(args->topkIdx);
+  p.x = static_cast<const __nv_bfloat16*>(args->x);
+  p.numTokens = (int)args->numTokens;
+  p.numTopk = (int)args->numTopk;
+  p.useFp8 = args->useFp8 != 0;
+  p.roundScale = args->roundScale != 0;
+  p.useUe8m0 = args->useUe8m0 != 0;
+  p.cumulativeRecvStats = static_cast<int*>(args->cumulativeRecvStats);
+  p.waitStats = static_cast<unsigned long long*>(args->waitStats);
+  const int El = ctx->layout.numLocalExperts;
+  p.recvSplitsPerExpert = std::max(1, ctx->waitingBlockBudget / El);
+  cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
+
+  if (args->phases & BUN_EP_LL_PHASE_SEND) {
+    const int grid = std::max(1, p.numTokens);
+    const size_t smem = (size_t)(p.numTokens * p.numTopk + cfg.numExperts) * sizeof(int);
+    dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+  }
+  if (args->phases & BUN_EP_LL_PHASE_RECV) {
+    // El <= budget: every (expert, split) its own block; else blocks loop over experts.
+    const int grid = std::min(El * p.recvSplitsPerExpert, ctx->waitingBlockBudget);
+    dispatch_recv_kernel<<<std::max(1, grid), kThreads, 0, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+  }
+  return bunEpSuccess;
+}
+
+bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_t* args) {
+  Context* ctx = context_of(context);
+  BUN_EP_TRY(enter(ctx));
+  BUN_EP_REQUIRE(args != nullptr, "args: expected a bunEpLowLatencyCombineArgs_t pointer, got NULL");
+  const bunEpLowLatencyConfig_t& cfg = ctx->config;
+  BUN_EP_REQUIRE(args->numTokens >= 0 && args->numTokens <= cfg.maxTokensPerRank,
+                 "numTokens: expected 0..maxTokensPerRank %lld, got %lld", (long long)cfg.maxTokensPerRank,
+                 (long long)args->numTokens);
+  BUN_EP_REQUIRE(args->numTopk >= 1 && args->numTopk <= cfg.maxTopk, "numTopk: expected 1..maxTopk %lld, got %lld",
+                 (long long)cfg.maxTopk, (long long)args->numTopk);
+  BUN_EP_REQUIRE(args->parity == 0 || args->parity == 1, "parity: expected 0 or 1, got %lld", (long long)args->parity);
+  BUN_EP_REQUIRE((args->phases & ~(int64_t)(BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) == 0 && args->phases != 0,
+                 "phases: expected BUN_EP_LL_PHASE_SEND and/or _RECV bits, got %lld", (long long)args->phases);
+  BUN_EP_REQUIRE(!(args->phases & BUN_EP_LL_PHASE_SEND) || args->x != nullptr,
+                 "x: expected the expert outputs [El, R*M, H] for the send phase, got NULL");
+  BUN_EP_REQUIRE(!(args->phases & BUN_EP_LL_PHASE_RECV) || args->numTokens == 0 ||
+                     (args->topkIdx != nullptr && args->topkWeights != nullptr),
+                 "topkIdx/topkWeights: expected device pointers for the receive phase, got NULL");
+
+  CombineParams p{};
+  p.c = common_of(ctx, (int)args->parity);
+  p.x = static_cast<const __nv_bfloat16*>(args->x);
+  p.topkIdx = static_cast<const int64_t*>(args->topkIdx);
+  p.topkWeights = static_cast<const float*>(args->topkWeights);
+  p.numTokens = (int)args->numTokens;
+  p.numTopk = (int)args->numTopk;
+  const Layout& l = ctx->layout;
+  p.out = args->out != nullptr ? static_cast<__nv_bfloat16*>(args->out)
+                               : reinterpret_cast<__nv_bfloat16*>(ctx->local + args->parity * l.parityBytes + l.combinedX);
+  cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
+  const int64_t ranksOnDevice = std::max<int64_t>(1, cfg.ranksOnDevice);
+
+  if (args->phases & BUN_EP_LL_PHASE_SEND) {
+    const int grid = (int)std::max<int64_t>(1, cfg.numSMs / ranksOnDevice);
+    combine_send_kernel<<<grid, kThreads, 0, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+  }
+  if ((args->phases & BUN_EP_LL_PHASE_RECV) && p.numTokens > 0) {
+    const int grid = std::min(p.numTokens, ctx->waitingBlockBudget);
+    combine_recv_kernel<<<grid, kThreads, 0, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+  }
+  return bunEpSuccess;
+}
+
+bunEpResult_t bun_ep_ll_set_rank_mask(void* context, const int32_t* alive) {
+  Context* ctx = context_of(context);
+  BUN_EP_TRY(enter(ctx));
+  BUN_EP_REQUIRE(alive != nullptr, "alive: expected an int32 array of %lld entries, got NULL",
+                 (long long)ctx->config.numRanks);
+  std::vector<int> values(ctx->config.numRanks);
+  for (int64_t r = 0; r < ctx->config.numRanks; ++r) values[r] = alive[r] != 0 ? 1 : 0;
+  BUN_EP_CUDA_CHECK(cudaMemcpy(ctx->local + ctx->layout.state + offsetof(State, alive), values.data(),
+                               values.size() * sizeof(int), cudaMemcpyHostToDevice));
+  return bunEpSuccess;
+}
+
+bunEpResult_t bun_ep_ll_clean(void* context, void* stream) {
+  Context* ctx = context_of(context);
+  BUN_EP_REQUIRE(ctx != nullptr, "context: expected a context from bun_ep_ll_create, got NULL");
+  BUN_EP_CUDA_CHECK(cudaSetDevice(ctx->device));
+  return clear_flags(ctx, static_cast<cudaStream_t>(stream));
+}
+
+bunEpResult_t bun_ep_ll_check(void* context) {
+  Context* ctx = context_of(context);
+  BUN_EP_REQUIRE(ctx != nullptr, "context: expected a context from bun_ep_ll_create, got NULL");
+  const volatile int* word = ctx->errorHost;
+  if (word[0] == 0 && !ctx->unusable) return bunEpSuccess;
+  ctx->unusable = true;
+  const char* phase = word[2] == kPhaseCombine ? "combine" : "dispatch";
+  return set_error(bunEpTimeout,
+                   "low-latency %s on rank %lld: rank %d never arrived within %.1f ms (dead, or not calling the "
+                   "same sequence of low-latency calls); this buffer is unusable, recreate it",
+                   phase, (long long)ctx->config.rank, word[1], ctx->config.timeoutNs / 1e6);
+}
+
+}  // extern "C"
