@@ -168,8 +168,8 @@ export class DeviceTensor<D extends DType = DType> implements Tensor<D> {
   readonly contiguous = true;
   /** Device address of element 0. */
   readonly ptr: number;
-  /** Default stream of this tensor's asynchronous operations (the one it was allocated on). */
-  readonly stream: Stream;
+  /** Default stream of this tensor's operations; null until first needed for fromPointer tensors. */
+  #stream: Stream | null;
   /** Set for memory this package allocated; null for fromPointer tensors and views. */
   readonly #allocation: Allocation | null;
   /** The allocation a view shares (to report use after free); null when not owned by this package. */
@@ -180,7 +180,7 @@ export class DeviceTensor<D extends DType = DType> implements Tensor<D> {
     shape: readonly number[],
     ptr: number,
     device: number,
-    stream: Stream,
+    stream: Stream | null,
     allocation: Allocation | null,
     backing: Allocation | null,
   ) {
@@ -189,13 +189,20 @@ export class DeviceTensor<D extends DType = DType> implements Tensor<D> {
     this.numel = numelOf(shape);
     this.ptr = ptr;
     this.device = device;
-    this.stream = stream;
+    this.#stream = stream;
     this.#allocation = allocation;
     this.#backing = backing;
   }
 
   get byteLength(): number {
     return this.numel * DTYPE_BYTES[this.dtype];
+  }
+
+  /** Default stream of this tensor's asynchronous operations: the one it was allocated on, else
+   * the one given to fromPointer, else Stream.forDevice(device). */
+  get stream(): Stream {
+    this.#stream ??= Stream.forDevice(this.device);
+    return this.#stream;
   }
 
   /** True once the memory was freed (through this tensor or the one it views). */
@@ -254,8 +261,13 @@ export class DeviceTensor<D extends DType = DType> implements Tensor<D> {
     checkShape(shape);
     if (!Number.isSafeInteger(ptr) || ptr < 0) throw new RangeError(`ptr: expected a device address (number), got ${String(ptr)}`);
     if (ptr === 0 && numelOf(shape) > 0) throw new RangeError(`ptr: is 0 (NULL) for a non-empty tensor ${shapeText(shape)}`);
-    const { stream } = resolvePlacement({ device, stream: options.stream });
-    return new DeviceTensor(dtype, shape, ptr, device, stream, null, null);
+    if (!Number.isInteger(device) || device < 0) {
+      throw new RangeError(`device: expected a CUDA device ordinal (integer >= 0), got ${String(device)}`);
+    }
+    if (options.stream !== undefined && options.stream.device !== device) {
+      throw new RangeError(`stream: belongs to device ${options.stream.device} but the tensor is on device ${device}`);
+    }
+    return new DeviceTensor(dtype, shape, ptr, device, options.stream ?? null, null, null);
   }
 
   /** The same memory under another shape with the same element count. */
@@ -265,7 +277,7 @@ export class DeviceTensor<D extends DType = DType> implements Tensor<D> {
     if (numelOf(shape) !== this.numel) {
       throw new RangeError(`view: shape ${shapeText(shape)} has ${numelOf(shape)} elements, the tensor ${shapeText(this.shape)} has ${this.numel}`);
     }
-    return new DeviceTensor(this.dtype, shape, this.ptr, this.device, this.stream, null, this.#backing);
+    return new DeviceTensor(this.dtype, shape, this.ptr, this.device, this.#stream, null, this.#backing);
   }
 
   /** Rows [begin, end) of the first dimension, sharing memory. */
@@ -278,7 +290,7 @@ export class DeviceTensor<D extends DType = DType> implements Tensor<D> {
     }
     const rowBytes = numRows === 0 ? 0 : this.byteLength / numRows;
     const shape = [end - begin, ...this.shape.slice(1)];
-    return new DeviceTensor(this.dtype, shape, this.ptr + begin * rowBytes, this.device, this.stream, null, this.#backing);
+    return new DeviceTensor(this.dtype, shape, this.ptr + begin * rowBytes, this.device, this.#stream, null, this.#backing);
   }
 
   /** Copy from a tensor of the same dtype and element count (any kind), ordered on `stream`. */
