@@ -1,0 +1,654 @@
+// Normal kernels inside one host: notify, dispatch (bf16, fp8 + scales, cached), combine.
+// Design and protocol: cuda/include/bun_ep_normal.h (top comment). In short:
+//  - every kernel starts by publishing "I have started call seq" in its own control region and by
+//    waiting (bounded) for every peer to have done the same before writing into that peer's buffer:
+//    a peer that started call seq has finished every earlier call, so nothing it still reads is
+//    overwritten;
+//  - notify gives every rank every rank's per-destination totals, so each sender knows the exact
+//    final row of each of its tokens on each receiver;
+//  - dispatch: block c (channel c) stores the rows of its token range straight into those rows of
+//    each receiver's staging area, flags (source, channel) done, then copies out the rows that the
+//    same channel of every source wrote here, source by source;
+//  - combine: every rank stores its received rows into the home rank's staging area (rows grouped by
+//    the rank that sends them back), flags done; the home rank sums them per token in rank order.
+#include <cuda_bf16.h>
+#include "common.cuh"
+#include "intranode_common.cuh"
+
+namespace bun_ep {
+namespace normal {
+namespace {
+
+constexpr int kNotifyThreads = 1024;
+constexpr int kDefaultThreads = 512;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ char* buffer_at(const bunEpNormalComm_t& comm, int rank) {
+  return static_cast<char*>(comm.peerBuffers[rank]);
+}
+
+// Bitmask of the ranks that token `token` goes to; counts its experts into `expertCounts` when
+// given, and reports (then skips) values outside [-1, numExperts).
+__device__ __forceinline__ uint32_t token_rank_mask(const bunEpNotifyArgs_t& a, int64_t token, int* expertCounts) {
+  const int numExperts = static_cast<int>(a.numExperts);
+  const int expertsPerRank = numExperts / static_cast<int>(a.comm.numRanks);
+  uint32_t mask = 0;
+  for (int k = 0; k < a.topk; ++k) {
+    const int64_t expert = a.topkIdx[token * a.topk + k];
+    if (expert == -1) continue;
+    if (expert < -1 || expert >= numExperts) {
+      if (expertCounts != nullptr)
+        record_error(a.comm.hostRecord, a.comm.workspace, BUN_EP_NORMAL_ERR_BAD_TOPK, static_cast<int>(a.comm.rank),
+                     static_cast<int>(token), static_cast<int>(expert), a.comm.seq, BUN_EP_NORMAL_STEP_NOTIFY);
+      continue;
+    }
+    if (expertCounts != nullptr) atomicAdd(&expertCounts[expert], 1);
+    mask |= 1u << (expert / expertsPerRank);
+  }
+  return mask;
+}
+
+__device__ __forceinline__ int64_t channel_begin(int64_t numTokens, int channel, int numChannels) {
+  return numTokens * channel / numChannels;
+}
+
+// ---- notify: one block --------------------------------------------------------------------------
+__global__ void __launch_bounds__(kNotifyThreads) notify_kernel(bunEpNotifyArgs_t a) {
+  extern __shared__ int shared[];
+  __shared__ int totals[kMaxRanks];
+  __shared__ int proceed;
+  const bunEpNormalComm_t& comm = a.comm;
+  const int me = static_cast<int>(comm.rank);
+  const int numRanks = static_cast<int>(comm.numRanks);
+  const int numExperts = static_cast<int>(a.numExperts);
+  const int localExperts = numExperts / numRanks;
+  const int numChannels = static_cast<int>(a.numChannels);
+  const int seq = static_cast<int>(comm.seq);
+  int* expertCounts = shared;                                     // [numExperts]
+  int* channelCounts = shared + numExperts;                       // [channel][rank]
+  int* channelStart = channelCounts + numChannels * numRanks;     // [channel][rank], exclusive prefix
+  int* info = a.handle;
+  int* homeSlot = a.handle + kInfoInts;
+  char* myBuffer = buffer_at(comm, me);
+
+  if (threadIdx.x == 0) st_release_sys(ready_flag(myBuffer), seq);
+  for (int i = threadIdx.x; i < numExperts + 2 * numChannels * numRanks; i += blockDim.x) shared[i] = 0;
+  __syncthreads();
+
+  // 1. Tokens per (channel, destination rank); pairs per expert. One warp per channel.
+  for (int c = warp_id(); c < numChannels; c += num_warps()) {
+    const int64_t begin = channel_begin(a.numTokens, c, numChannels);
+    const int64_t end = channel_begin(a.numTokens, c + 1, numChannels);
+    int counts[kMaxRanks] = {};
+    for (int64_t base = begin; base < end; base += 32) {
+      const int64_t token = base + lane_id();
+      const uint32_t mask = token < end ? token_rank_mask(a, token, expertCounts) : 0u;
+#pragma unroll
+      for (int r = 0; r < kMaxRanks; ++r) counts[r] += __popc(__ballot_sync(kFullMask, (mask >> r) & 1u));
+    }
+    if (lane_id() == 0)
+      for (int r = 0; r < numRanks; ++r) channelCounts[c * numRanks + r] = counts[r];
+  }
+  __syncthreads();
+
+  // 2. Where each channel's tokens start among this rank's tokens to each destination.
+  if (threadIdx.x < numRanks) {
+    const int r = threadIdx.x;
+    int running = 0;
+    for (int c = 0; c < numChannels; ++c) {
+      channelStart[c * numRanks + r] = running;
+      running += channelCounts[c * numRanks + r];
+    }
+    totals[r] = running;
+  }
+  __syncthreads();
+
+  // 3. homeSlot[t][r]: position of token t among this rank's tokens to r (-1: not sent there).
+  for (int c = warp_id(); c < numChannels; c += num_warps()) {
+    const int64_t begin = channel_begin(a.numTokens, c, numChannels);
+    const int64_t end = channel_begin(a.numTokens, c + 1, numChannels);
+    int running[kMaxRanks];
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) running[r] = r < numRanks ? channelStart[c * numRanks + r] : 0;
+    const unsigned lowerLanes = (1u << lane_id()) - 1u;
+    for (int64_t base = begin; base < end; base += 32) {
+      const int64_t token = base + lane_id();
+      const uint32_t mask = token < end ? token_rank_mask(a, token, nullptr) : 0u;
+#pragma unroll
+      for (int r = 0; r < kMaxRanks; ++r) {
+        if (r >= numRanks) break;
+        const unsigned ballot = __ballot_sync(kFullMask, (mask >> r) & 1u);
+        if (token < end) homeSlot[token * numRanks + r] = ((mask >> r) & 1u) ? running[r] + __popc(ballot & lowerLanes) : -1;
+        running[r] += __popc(ballot);
+      }
+    }
+  }
+
+  // 4. Once every peer has started this call, write this rank's counts into its slot on every peer.
+  if (threadIdx.x < numRanks) wait_flag(ready_flag(buffer_at(comm, threadIdx.x)), seq, comm, threadIdx.x, BUN_EP_NORMAL_STEP_NOTIFY);
+  __syncthreads();
+  if (threadIdx.x == 0) proceed = !aborted(comm.workspace);
+  __syncthreads();
+  if (!proceed) return;
+  for (int q = 0; q < numRanks; ++q) {
+    int* slot = notify_slot(buffer_at(comm, q), me);
+    for (int i = threadIdx.x; i < numRanks; i += blockDim.x) slot[kSlotTotals + i] = totals[i];
+    for (int c = threadIdx.x; c < numChannels; c += blockDim.x) slot[kSlotChannels + c] = channelCounts[c * numRanks + q];
+    for (int e = threadIdx.x; e < localExperts; e += blockDim.x) slot[kSlotExperts + e] = expertCounts[q * localExperts + e];
+  }
+  __syncthreads();
+  if (threadIdx.x < numRanks) {
+    __threadfence_system();
+    st_release_sys(notify_slot(buffer_at(comm, threadIdx.x), me) + kSlotFlag, seq);
+  }
+
+  // 5. Wait for every rank's slot here.
+  if (threadIdx.x < numRanks)
+    wait_flag(notify_slot(myBuffer, threadIdx.x) + kSlotFlag, seq, comm, threadIdx.x, BUN_EP_NORMAL_STEP_NOTIFY);
+  __syncthreads();
+  if (threadIdx.x == 0) proceed = !aborted(comm.workspace);
+  __syncthreads();
+  if (!proceed) return;
+
+  // 6. Offsets for dispatch and combine, per-expert counts, the host record.
+  auto slotValue = [&](int source, int index) { return ld_volatile(notify_slot(myBuffer, source) + index); };
+  if (threadIdx.x == 0) {
+    int numRecv = 0;
+    for (int s = 0; s < numRanks; ++s) {
+      const int fromSource = slotValue(s, kSlotTotals + me);
+      info[kInfoRecvSrcBase + s] = numRecv;
+      info[kInfoRecvSrcCount + s] = fromSource;
+      numRecv += fromSource;
+      int before = 0;  // rows on s's combine staging from ranks < me
+      for (int r = 0; r < me; ++r) before += slotValue(s, kSlotTotals + r);
+      info[kInfoCombineDestBase + s] = before;
+    }
+    int maxRecv = -1, maxRecvRank = 0;
+    for (int r = 0; r < numRanks; ++r) {
+      int recvOfR = 0, beforeMe = 0;
+      for (int s = 0; s < numRanks; ++s) {
+        const int v = slotValue(s, kSlotTotals + r);
+        recvOfR += v;
+        if (s < me) beforeMe += v;
+      }
+      info[kInfoSendRowBase + r] = beforeMe;
+      if (recvOfR > maxRecv) maxRecv = recvOfR, maxRecvRank = r;
+    }
+    int homeBase = 0;
+    for (int r = 0; r < numRanks; ++r) {
+      info[kInfoHomeBlockBase + r] = homeBase;
+      homeBase += totals[r];
+    }
+    info[kInfoNumRecv] = numRecv;
+    info[kInfoNumChannels] = numChannels;
+    info[kInfoNumTokens] = static_cast<int>(a.numTokens);
+    info[kInfoMaxRecv] = maxRecv;
+    if (a.numWorstTokens > 0 && numRecv > a.numWorstTokens)
+      record_error(comm.hostRecord, comm.workspace, BUN_EP_NORMAL_ERR_WORST_OVERFLOW, me, numRecv,
+                   static_cast<int>(a.numWorstTokens), comm.seq, BUN_EP_NORMAL_STEP_NOTIFY);
+    if (a.numWorstTokens > 0 && maxRecv > a.stagingRows)
+      record_error(comm.hostRecord, comm.workspace, BUN_EP_NORMAL_ERR_STAGING, maxRecvRank, maxRecv,
+                   static_cast<int>(a.stagingRows), comm.seq, BUN_EP_NORMAL_STEP_NOTIFY);
+    volatile int32_t* rec = comm.hostRecord;
+    rec[BUN_EP_REC_NUM_RECV] = numRecv;
+    rec[BUN_EP_REC_MAX_RECV] = maxRecv;
+    rec[BUN_EP_REC_MAX_RECV_RANK] = maxRecvRank;
+  }
+  if (threadIdx.x < numRanks) {
+    const int s = threadIdx.x;
+    int row = 0;
+    for (int s2 = 0; s2 < s; ++s2) row += slotValue(s2, kSlotTotals + me);
+    for (int c = 0; c < numChannels; ++c) {
+      const int count = slotValue(s, kSlotChannels + c);
+      info[kInfoChannelBegin + s * kMaxChannels + c] = row;
+      info[kInfoChannelCount + s * kMaxChannels + c] = count;
+      row += count;
+    }
+  }
+  for (int e = threadIdx.x; e < localExperts; e += blockDim.x) {
+    int count = 0;
+    for (int s = 0; s < numRanks; ++s) count += slotValue(s, kSlotExperts + e);
+    const int alignment = static_cast<int>(a.expertAlignment);
+    const int aligned = (count + alignment - 1) / alignment * alignment;
+    a.recvCountPerExpert[e] = aligned;
+    static_cast<volatile int32_t*>(comm.hostRecord)[BUN_EP_REC_EXPERT_COUNTS + e] = aligned;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    static_cast<volatile int32_t*>(comm.hostRecord)[BUN_EP_REC_NOTIFY_SEQ] = seq;
+    __threadfence_system();
+  }
+}
+
+// ---- shared pieces of dispatch and combine ---------------------------------------------------------
+// Block-wide: publish "started seq" (block 0) and wait until every peer has started it too.
+// Returns false (in every thread) when the buffer aborted.
+__device__ __forceinline__ bool start_call(const bunEpNormalComm_t& comm, int step) {
+  __shared__ int proceed;
+  const int seq = static_cast<int>(comm.seq);
+  if (blockIdx.x == 0 && threadIdx.x == 0) st_release_sys(ready_flag(buffer_at(comm, comm.rank)), seq);
+  if (threadIdx.x < comm.numRanks) wait_flag(ready_flag(buffer_at(comm, threadIdx.x)), seq, comm, threadIdx.x, step);
+  __syncthreads();
+  if (threadIdx.x == 0) proceed = !aborted(comm.workspace);
+  __syncthreads();
+  return proceed != 0;
+}
+
+// Block-wide: make this block's stores visible, then set `flagOf(peer)` to seq on every peer.
+template <typename FlagOf>
+__device__ __forceinline__ void signal_peers(const bunEpNormalComm_t& comm, FlagOf flagOf) {
+  __syncthreads();
+  if (threadIdx.x < comm.numRanks) {
+    __threadfence_system();
+    st_release_sys(flagOf(static_cast<int>(threadIdx.x)), static_cast<int>(comm.seq));
+  }
+}
+
+// Copy one row of `numVectors` int4 from src to every destination in dsts[0..kRanks) that is not
+// null, with kUnroll loads in flight per lane (the row is read once, written once per destination).
+template <int kUnroll, int kRanks, bool kSourceIsInput>
+__device__ __forceinline__ void copy_row_to_many(const int4* src, int4* const (&dsts)[kRanks], int64_t numVectors) {
+  for (int64_t i = lane_id(); i < numVectors; i += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t at = i + u * 32;
+      if (at < numVectors) v[u] = kSourceIsInput ? ld_nc_int4(src + at) : ld_na_int4(src + at);
+    }
+#pragma unroll
+    for (int r = 0; r < kRanks; ++r) {
+      if (dsts[r] == nullptr) continue;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t at = i + u * 32;
+        if (at < numVectors) st_na_int4(dsts[r] + at, v[u]);
+      }
+    }
+  }
+}
+
+// ---- dispatch: one block per channel --------------------------------------------------------------
+template <int kRanks>
+__global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatchArgs_t a, StagingLayout st) {
+  __shared__ int sendRowBase[kMaxRanks];
+  __shared__ int sourceArrived;
+  const bunEpNormalComm_t& comm = a.comm;
+  const int me = static_cast<int>(comm.rank);
+  const int channel = blockIdx.x;
+  const int numChannels = gridDim.x;
+  const int seq = static_cast<int>(comm.seq);
+  const int* info = a.handle;
+  const int* homeSlot = a.handle + kInfoInts;
+  const int numExperts = static_cast<int>(a.numExperts);
+  const int localExperts = numExperts / kRanks;
+  const int64_t vectorsPerRow = st.xBytes / 16;
+  const int scalesPerRow = static_cast<int>(st.scaleBytes / 4);
+  const int topk = static_cast<int>(a.topk);
+  char* myBuffer = buffer_at(comm, me);
+
+  if (threadIdx.x < kRanks) sendRowBase[threadIdx.x] = info[kInfoSendRowBase + threadIdx.x];
+  const bool proceed = start_call(comm, BUN_EP_NORMAL_STEP_DISPATCH);
+
+  // Send: one warp per token of this channel, straight into each receiver's final row.
+  if (proceed) {
+    const int64_t begin = channel_begin(a.numTokens, channel, numChannels);
+    const int64_t end = channel_begin(a.numTokens, channel + 1, numChannels);
+    for (int64_t token = begin + warp_id(); token < end; token += num_warps()) {
+      const int mySlot = lane_id() < kRanks ? homeSlot[token * kRanks + lane_id()] : -1;
+      int64_t destRow[kRanks];
+      int4* destX[kRanks];
+#pragma unroll
+      for (int r = 0; r < kRanks; ++r) {
+        const int slot = __shfl_sync(kFullMask, mySlot, r);
+        destRow[r] = slot >= 0 ? int64_t(sendRowBase[r]) + slot : -1;
+        if (destRow[r] >= st.rows) {
+          if (lane_id() == 0)
+            record_error(comm.hostRecord, comm.workspace, BUN_EP_NORMAL_ERR_STAGING, r, int(destRow[r] + 1),
+                         int(st.rows), comm.seq, BUN_EP_NORMAL_STEP_DISPATCH);
+          destRow[r] = -1;
+        }
+        destX[r] = destRow[r] < 0 ? nullptr
+                                  : reinterpret_cast<int4*>(buffer_at(comm, r) + st.xOffset + destRow[r] * st.xBytes);
+      }
+      copy_row_to_many<4, kRanks, true>(
+          reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + token * st.xBytes), destX, vectorsPerRow);
+      for (int j = lane_id(); j < scalesPerRow; j += 32) {
+        const float scale = a.xScales[token * scalesPerRow + j];
+#pragma unroll
+        for (int r = 0; r < kRanks; ++r)
+          if (destRow[r] >= 0)
+            reinterpret_cast<float*>(buffer_at(comm, r) + st.scalesOffset + destRow[r] * st.scaleBytes)[j] = scale;
+      }
+      if (a.topkIdx != nullptr) {
+        for (int k = lane_id(); k < topk; k += 32) {
+          const int64_t expert = a.topkIdx[token * topk + k];
+          const float weight = a.topkWeights != nullptr ? a.topkWeights[token * topk + k] : 0.0f;
+#pragma unroll
+          for (int r = 0; r < kRanks; ++r) {
+            if (destRow[r] < 0) continue;
+            const bool local = expert >= 0 && expert < numExperts && expert / localExperts == r;
+            reinterpret_cast<int64_t*>(buffer_at(comm, r) + st.idxOffset + destRow[r] * st.idxBytes)[k] =
+                local ? expert - int64_t(r) * localExperts : -1;
+            reinterpret_cast<float*>(buffer_at(comm, r) + st.weightsOffset + destRow[r] * st.weightBytes)[k] =
+                local ? weight : 0.0f;
+          }
+        }
+      }
+    }
+  }
+  // An aborted rank signals nothing: its peers then time out naming it instead of using missing rows.
+  if (proceed) signal_peers(comm, [&](int peer) { return dispatch_done(buffer_at(comm, peer), me, channel); });
+
+  // Receive: copy out the rows that this channel of each source wrote here, source by source.
+  for (int source = 0; source < kRanks && proceed; ++source) {
+    if (threadIdx.x == 0)
+      sourceArrived = wait_flag(dispatch_done(myBuffer, source, channel), seq, comm, source, BUN_EP_NORMAL_STEP_DISPATCH);
+    __syncthreads();
+    if (!sourceArrived) break;
+    const int64_t rowBegin = info[kInfoChannelBegin + source * kMaxChannels + channel];
+    const int64_t rowEnd = rowBegin + info[kInfoChannelCount + source * kMaxChannels + channel];
+    for (int64_t row = rowBegin + warp_id(); row < rowEnd; row += num_warps()) {
+      if (row >= a.recvRows || row >= st.rows) continue;  // numWorstTokens overflow: reported by notify
+      int4* dst[1] = {reinterpret_cast<int4*>(static_cast<char*>(a.recvX) + row * st.xBytes)};
+      copy_row_to_many<4, 1, false>(reinterpret_cast<const int4*>(myBuffer + st.xOffset + row * st.xBytes), dst,
+                                    vectorsPerRow);
+      if (a.recvXScales != nullptr) {
+        const float* src = reinterpret_cast<const float*>(myBuffer + st.scalesOffset + row * st.scaleBytes);
+        for (int j = lane_id(); j < scalesPerRow; j += 32) a.recvXScales[row * scalesPerRow + j] = src[j];
+      }
+      if (a.recvTopkIdx != nullptr) {
+        const int64_t* src = reinterpret_cast<const int64_t*>(myBuffer + st.idxOffset + row * st.idxBytes);
+        for (int k = lane_id(); k < topk; k += 32) a.recvTopkIdx[row * topk + k] = src[k];
+      }
+      if (a.recvTopkWeights != nullptr) {
+        const float* src = reinterpret_cast<const float*>(myBuffer + st.weightsOffset + row * st.weightBytes);
+        for (int k = lane_id(); k < topk; k += 32) a.recvTopkWeights[row * topk + k] = src[k];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---- combine -------------------------------------------------------------------------------------
+__device__ __forceinline__ float bf16_bits_to_f32(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+  const uint32_t words[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] = __fadd_rn(acc[2 * i], bf16_bits_to_f32(words[i] & 0xffffu));
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], bf16_bits_to_f32(words[i] >> 16));
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
+    words[i] = lo | (hi << 16);
+  }
+  return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
+}
+
+template <int kRanks>
+__global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineArgs_t a, StagingLayout st) {
+  __shared__ int homeBase[kMaxRanks];
+  __shared__ int allArrived;
+  const bunEpNormalComm_t& comm = a.comm;
+  const int me = static_cast<int>(comm.rank);
+  const int block = blockIdx.x;
+  const int numBlocks = gridDim.x;
+  const int seq = static_cast<int>(comm.seq);
+  const int* info = a.handle;
+  const int* homeSlot = a.handle + kInfoInts;
+  const int64_t vectorsPerRow = st.xBytes / 16;
+  const int topk = static_cast<int>(a.topk);
+  char* myBuffer = buffer_at(comm, me);
+
+  if (threadIdx.x < kRanks) homeBase[threadIdx.x] = info[kInfoHomeBlockBase + threadIdx.x];
+  const bool proceed = start_call(comm, BUN_EP_NORMAL_STEP_COMBINE);
+
+  // Send: this block's share of the rows received from each home rank, back to that rank's staging.
+  if (proceed) {
+    for (int step = 1; step <= kRanks; ++step) {
+      const int home = (me + step) % kRanks;  // spread the blocks' first writes over the peers
+      const int64_t base = info[kInfoRecvSrcBase + home];
+      const int64_t count = info[kInfoRecvSrcCount + home];
+      const int64_t destBase = info[kInfoCombineDestBase + home];
+      const int64_t begin = count * block / numBlocks;
+      const int64_t end = count * (block + 1) / numBlocks;
+      char* homeBuffer = buffer_at(comm, home);
+      for (int64_t j = begin + warp_id(); j < end; j += num_warps()) {
+        const int64_t destRow = destBase + j;
+        if (destRow >= st.rows) {
+          if (lane_id() == 0)
+            record_error(comm.hostRecord, comm.workspace, BUN_EP_NORMAL_ERR_STAGING, home, int(destRow + 1),
+                         int(st.rows), comm.seq, BUN_EP_NORMAL_STEP_COMBINE);
+          continue;
+        }
+        int4* dst[1] = {reinterpret_cast<int4*>(homeBuffer + st.xOffset + destRow * st.xBytes)};
+        copy_row_to_many<4, 1, true>(reinterpret_cast<const int4*>(a.x + (base + j) * a.hidden), dst, vectorsPerRow);
+        if (a.topkWeights != nullptr) {
+          float* w = reinterpret_cast<float*>(homeBuffer + st.weightsOffset + destRow * st.weightBytes);
+          for (int k = lane_id(); k < topk; k += 32) w[k] = a.topkWeights[(base + j) * topk + k];
+        }
+      }
+    }
+  }
+  if (proceed) signal_peers(comm, [&](int peer) { return combine_done(buffer_at(comm, peer), me, block); });
+
+  // Reduce: wait for every (rank, block) of this call, then sum each home token in rank order.
+  if (threadIdx.x == 0) allArrived = 1;
+  __syncthreads();
+  if (proceed) {
+    for (int i = threadIdx.x; i < kRanks * numBlocks; i += blockDim.x)
+      if (!wait_flag(combine_done(myBuffer, i / numBlocks, i % numBlocks), seq, comm, i / numBlocks,
+                     BUN_EP_NORMAL_STEP_COMBINE))
+        allArrived = 0;
+  }
+  __syncthreads();
+  if (!proceed || !allArrived) return;
+
+  const int64_t begin = a.numTokens * block / numBlocks;
+  const int64_t end = a.numTokens * (block + 1) / numBlocks;
+  for (int64_t token = begin + warp_id(); token < end; token += num_warps()) {
+    const int mySlot = lane_id() < kRanks ? homeSlot[token * kRanks + lane_id()] : -1;
+    const int4* rows[kRanks];
+    const float* weightRows[kRanks];
+#pragma unroll
+    for (int r = 0; r < kRanks; ++r) {
+      const int slot = __shfl_sync(kFullMask, mySlot, r);
+      const int64_t row = slot >= 0 ? int64_t(homeBase[r]) + slot : -1;
+      const bool valid = row >= 0 && row < st.rows;
+      rows[r] = valid ? reinterpret_cast<const int4*>(myBuffer + st.xOffset + row * st.xBytes) : nullptr;
+      weightRows[r] = valid ? reinterpret_cast<const float*>(myBuffer + st.weightsOffset + row * st.weightBytes) : nullptr;
+    }
+    const int4* bias0 = a.bias0 != nullptr ? reinterpret_cast<const int4*>(a.bias0 + token * a.hidden) : nullptr;
+    const int4* bias1 = a.bias1 != nullptr ? reinterpret_cast<const int4*>(a.bias1 + token * a.hidden) : nullptr;
+    int4* out = reinterpret_cast<int4*>(a.combinedX + token * a.hidden);
+    for (int64_t i = lane_id(); i < vectorsPerRow; i += 32) {
+      int4 parts[kRanks];
+#pragma unroll
+      for (int r = 0; r < kRanks; ++r)
+        if (rows[r] != nullptr) parts[r] = ld_na_int4(rows[r] + i);
+      float acc[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+      if (bias0 != nullptr) add_bf16x8(acc, ld_nc_int4(bias0 + i));
+      if (bias1 != nullptr) add_bf16x8(acc, ld_nc_int4(bias1 + i));
+#pragma unroll
+      for (int r = 0; r < kRanks; ++r)
+        if (rows[r] != nullptr) add_bf16x8(acc, parts[r]);
+      st_na_int4(out + i, pack_bf16x8(acc));
+    }
+    if (a.combinedTopkWeights != nullptr) {
+      for (int k = lane_id(); k < topk; k += 32) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int r = 0; r < kRanks; ++r)
+          if (weightRows[r] != nullptr) acc = __fadd_rn(acc, weightRows[r][k]);
+        a.combinedTopkWeights[token * topk + k] = acc;
+      }
+    }
+  }
+}
+
+// ---- host side -------------------------------------------------------------------------------------
+bunEpResult_t check_comm(const bunEpNormalComm_t& comm, const char* what) {
+  BUN_EP_REQUIRE(comm.numRanks >= 1 && comm.numRanks <= kMaxRanks, "%s: numRanks must be in [1, %d], got %lld", what,
+                 kMaxRanks, (long long)comm.numRanks);
+  BUN_EP_REQUIRE(comm.rank >= 0 && comm.rank < comm.numRanks, "%s: rank must be in [0, %lld), got %lld", what,
+                 (long long)comm.numRanks, (long long)comm.rank);
+  for (int r = 0; r < comm.numRanks; ++r)
+    BUN_EP_REQUIRE(comm.peerBuffers[r] != nullptr, "%s: peerBuffers[%d] is NULL", what, r);
+  BUN_EP_REQUIRE(comm.bufferBytes > BUN_EP_NORMAL_CONTROL_BYTES, "%s: bufferBytes must exceed %d, got %lld", what,
+                 BUN_EP_NORMAL_CONTROL_BYTES, (long long)comm.bufferBytes);
+  BUN_EP_REQUIRE(comm.hostRecord != nullptr && comm.workspace != nullptr, "%s: hostRecord and workspace are required",
+                 what);
+  BUN_EP_REQUIRE(comm.seq >= 1 && comm.seq < (int64_t(1) << 31), "%s: seq must be in [1, 2^31), got %lld", what,
+                 (long long)comm.seq);
+  BUN_EP_REQUIRE(comm.timeoutNs > 0, "%s: timeoutNs must be > 0, got %lld", what, (long long)comm.timeoutNs);
+  return bunEpSuccess;
+}
+
+int threads_of(int64_t requested) {
+  if (requested <= 0) return kDefaultThreads;
+  const int64_t rounded = requested / 32 * 32;
+  return static_cast<int>(rounded < 64 ? 64 : (rounded > kDefaultThreads ? kDefaultThreads : rounded));
+}
+
+StagingLayout dispatch_staging(const bunEpDispatchArgs_t& a) {
+  const bool fp8 = a.elementBytes == 1;
+  const bool routed = a.topkIdx != nullptr;
+  return staging_layout(a.comm.bufferBytes, a.hidden * a.elementBytes, fp8 ? (a.hidden / 128) * 4 : 0,
+                        routed ? a.topk * 8 : 0, routed ? a.topk * 4 : 0);
+}
+
+template <template <int> class Launcher, typename... Args>
+bunEpResult_t launch_for_ranks(int numRanks, Args&&... args) {
+  switch (numRanks) {
+    case 1: return Launcher<1>::run(args...);
+    case 2: return Launcher<2>::run(args...);
+    case 3: return Launcher<3>::run(args...);
+    case 4: return Launcher<4>::run(args...);
+    case 5: return Launcher<5>::run(args...);
+    case 6: return Launcher<6>::run(args...);
+    case 7: return Launcher<7>::run(args...);
+    case 8: return Launcher<8>::run(args...);
+    default: return set_error(bunEpInvalidArgument, "numRanks must be in [1, 8], got %d", numRanks);
+  }
+}
+
+template <int kRanks>
+struct DispatchLauncher {
+  static bunEpResult_t run(const bunEpDispatchArgs_t& a, const StagingLayout& st) {
+    dispatch_kernel<kRanks><<<static_cast<int>(a.numChannels), threads_of(a.threadsPerBlock), 0,
+                              static_cast<cudaStream_t>(a.comm.stream)>>>(a, st);
+    BUN_EP_LAUNCH_CHECK();
+    return bunEpSuccess;
+  }
+};
+
+template <int kRanks>
+struct CombineLauncher {
+  static bunEpResult_t run(const bunEpCombineArgs_t& a, const StagingLayout& st) {
+    combine_kernel<kRanks><<<static_cast<int>(a.numBlocks), threads_of(a.threadsPerBlock), 0,
+                             static_cast<cudaStream_t>(a.comm.stream)>>>(a, st);
+    BUN_EP_LAUNCH_CHECK();
+    return bunEpSuccess;
+  }
+};
+
+}  // namespace
+}  // namespace normal
+}  // namespace bun_ep
+
+using namespace bun_ep;
+using namespace bun_ep::normal;
+
+extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_constants(int64_t* out, int64_t count) {
+  BUN_EP_REQUIRE(out != nullptr && count >= 7, "bun_ep_normal_constants: out must hold 7 values, got %lld",
+                 (long long)count);
+  out[0] = BUN_EP_NORMAL_CONTROL_BYTES;
+  out[1] = BUN_EP_NORMAL_HOST_RECORD_BYTES;
+  out[2] = BUN_EP_NORMAL_WORKSPACE_BYTES;
+  out[3] = kMaxRanks;
+  out[4] = kMaxChannels;
+  out[5] = kMaxLocalExperts;
+  out[6] = kInfoInts;
+  return bunEpSuccess;
+}
+
+extern "C" BUN_EP_API int64_t bun_ep_normal_handle_bytes(int64_t numTokens, int64_t numRanks) {
+  return 4 * (int64_t(kInfoInts) + numTokens * numRanks);
+}
+
+extern "C" BUN_EP_API int64_t bun_ep_normal_staging_rows(int64_t bufferBytes, int64_t hidden, int64_t elementBytes,
+                                                         int64_t hasScales, int64_t topk, int64_t hasWeights) {
+  return staging_layout(bufferBytes, hidden * elementBytes, hasScales ? (hidden / 128) * 4 : 0, topk * 8,
+                        hasWeights ? topk * 4 : 0)
+      .rows;
+}
+
+extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_notify(const bunEpNotifyArgs_t* args) {
+  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_notify: args is NULL");
+  const bunEpNotifyArgs_t& a = *args;
+  BUN_EP_TRY(check_comm(a.comm, "notify"));
+  BUN_EP_REQUIRE(a.numExperts % a.comm.numRanks == 0 && a.numExperts >= a.comm.numRanks,
+                 "notify: numExperts (%lld) must be a positive multiple of numRanks (%lld)", (long long)a.numExperts,
+                 (long long)a.comm.numRanks);
+  BUN_EP_REQUIRE(a.numExperts / a.comm.numRanks <= kMaxLocalExperts,
+                 "notify: numExperts / numRanks must be <= %d, got %lld", kMaxLocalExperts,
+                 (long long)(a.numExperts / a.comm.numRanks));
+  BUN_EP_REQUIRE(a.numChannels >= 1 && a.numChannels <= kMaxChannels, "notify: numChannels must be in [1, %d], got %lld",
+                 kMaxChannels, (long long)a.numChannels);
+  BUN_EP_REQUIRE(a.numTokens >= 0 && a.numTokens < (int64_t(1) << 30), "notify: numTokens out of range: %lld",
+                 (long long)a.numTokens);
+  BUN_EP_REQUIRE(a.expertAlignment >= 1, "notify: expertAlignment must be >= 1, got %lld", (long long)a.expertAlignment);
+  BUN_EP_REQUIRE(a.handle != nullptr && a.recvCountPerExpert != nullptr, "notify: handle and recvCountPerExpert are required");
+  BUN_EP_REQUIRE(a.numTokens == 0 || a.topkIdx != nullptr, "notify: topkIdx is NULL");
+  const size_t sharedBytes = sizeof(int) * (a.numExperts + 2 * a.numChannels * a.comm.numRanks);
+  BUN_EP_REQUIRE(sharedBytes <= 48 * 1024, "notify: numExperts (%lld) too large for one block's shared memory",
+                 (long long)a.numExperts);
+  notify_kernel<<<1, kNotifyThreads, sharedBytes, static_cast<cudaStream_t>(a.comm.stream)>>>(a);
+  BUN_EP_LAUNCH_CHECK();
+  return bunEpSuccess;
+}
+
+extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_dispatch(const bunEpDispatchArgs_t* args) {
+  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_dispatch: args is NULL");
+  const bunEpDispatchArgs_t& a = *args;
+  BUN_EP_TRY(check_comm(a.comm, "dispatch"));
+  BUN_EP_REQUIRE(a.elementBytes == 1 || a.elementBytes == 2, "dispatch: elementBytes must be 1 or 2, got %lld",
+                 (long long)a.elementBytes);
+  BUN_EP_REQUIRE((a.hidden * a.elementBytes) % 16 == 0 && a.hidden > 0,
+                 "dispatch: hidden * elementBytes must be a positive multiple of 16 bytes, got hidden %lld",
+                 (long long)a.hidden);
+  BUN_EP_REQUIRE(a.elementBytes == 2 || (a.hidden % 128 == 0 && a.xScales != nullptr),
+                 "dispatch: fp8 needs hidden %% 128 == 0 (got %lld) and xScales", (long long)a.hidden);
+  BUN_EP_REQUIRE(a.numChannels >= 1 && a.numChannels <= kMaxChannels, "dispatch: numChannels must be in [1, %d], got %lld",
+                 kMaxChannels, (long long)a.numChannels);
+  BUN_EP_REQUIRE(a.handle != nullptr && (a.numTokens == 0 || a.x != nullptr), "dispatch: handle and x are required");
+  BUN_EP_REQUIRE(a.recvRows == 0 || a.recvX != nullptr, "dispatch: recvX is NULL");
+  BUN_EP_REQUIRE(a.topk >= 0 && a.topk <= 64, "dispatch: topk must be in [0, 64], got %lld", (long long)a.topk);
+  const StagingLayout st = dispatch_staging(a);
+  return launch_for_ranks<DispatchLauncher>(static_cast<int>(a.comm.numRanks), a, st);
+}
+
+extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs_t* args) {
+  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_combine: args is NULL");
+  const bunEpCombineArgs_t& a = *args;
+  BUN_EP_TRY(check_comm(a.comm, "combine"));
+  BUN_EP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0, "combine: hidden must be a positive multiple of 8, got %lld",
+                 (long long)a.hidden);
+  BUN_EP_REQUIRE(a.numBlocks >= 1 && a.numBlocks <= kMaxChannels, "combine: numBlocks must be in [1, %d], got %lld",
+                 kMaxChannels, (long long)a.numBlocks);
+  BUN_EP_REQUIRE(a.handle != nullptr, "combine: handle is required");
+  BUN_EP_REQUIRE(a.bias1 == nullptr || a.bias0 != nullptr, "combine: bias1 given without bias0");
+  BUN_EP_REQUIRE(a.topk >= 0 && a.topk <= 64, "combine: topk must be in [0, 64], got %lld", (long long)a.topk);
+  const StagingLayout st = staging_layout(a.comm.bufferBytes, a.hidden * 2, 0, 0, a.topkWeights != nullptr ? a.topk * 4 : 0);
+  return launch_for_ranks<CombineLauncher>(static_cast<int>(a.comm.numRanks), a, st);
+}
