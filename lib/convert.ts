@@ -171,10 +171,10 @@ export function toF32Tensor(t: HostTensor): HostTensor<"f32"> {
 //   q[i]  = e4m3(f32(x[i] * f32(1 / scale)))     with roundScale (1/scale is an exact power of two)
 //   q[i]  = e4m3(f32(x[i] * f32(448 / amax)))    without
 //   dequantize: f32(f32(q) * scale)
-// NaN/Inf in x: amax is computed with Math.max, so a NaN element makes amax (and scale) NaN and
-// the whole group quantizes to 0x7F; an Inf element makes amax Inf, scale Inf (roundScale: the
-// exponent saturates at 2^128 -> Inf too), the multiplier 0, and finite elements quantize to ±0
-// while Inf*0 = NaN -> 0x7F. Such inputs are not expected; the kernels need not match them.
+// NaN/Inf in x (not expected in practice): amax skips NaN as CUDA's fmaxf does, so a NaN element
+// only makes its own q 0x7F (NaN * m = NaN). An Inf element makes amax and the scale Inf (with
+// roundScale, 2^128 = Inf; UE8M0 byte 255), the multiplier 0: finite elements quantize to ±0 and
+// the Inf one to 0x7F (Inf * 0 = NaN).
 
 export const FP8_GROUP_SIZE = 128;
 /** Groups packed per i32 word of UE8M0 scales. */
@@ -194,7 +194,7 @@ export function powerOfTwoCeil(s: number): number {
   const bits = f32Bits(s);
   const exponent = ((bits >>> 23) & 0xff) - 127;
   const exact = (bits & 0x7fffff) === 0;
-  return 2 ** (exact ? exponent : exponent + 1);
+  return Math.fround(2 ** (exact ? exponent : exponent + 1)); // as f32: 2^128 is Inf
 }
 
 /** The dequantization scale of a group with maximum magnitude `amax` (before the 1e-4 floor). */
@@ -210,7 +210,10 @@ export function fp8GroupScale(amax: number, roundScale: boolean): number {
  */
 export function quantizeFp8Group(x: Uint16Array, q: Uint8Array, roundScale: boolean): number {
   let amax = 0;
-  for (let i = 0; i < x.length; i++) amax = Math.max(amax, Math.abs(bf16ToF32(x[i]!)));
+  for (let i = 0; i < x.length; i++) {
+    const magnitude = Math.abs(bf16ToF32(x[i]!));
+    if (magnitude > amax) amax = magnitude; // false for NaN: skipped, as fmaxf(amax, NaN) = amax
+  }
   amax = Math.max(amax, FP8_AMAX_FLOOR);
   const scale = fp8GroupScale(amax, roundScale);
   const multiplier = roundScale ? Math.fround(1 / scale) : Math.fround(E4M3_MAX / amax);

@@ -396,6 +396,21 @@ describe("FP8 quantization", () => {
     expect(e4m3ToF32(q[1]!)).toBe(-3.25);
   });
 
+  test("NaN and Inf elements: NaN is skipped by amax and gives 0x7F; Inf makes the scale Inf", () => {
+    const x = new Uint16Array(128);
+    x[0] = f32ToBf16(2);
+    x[1] = 0x7fc0; // NaN
+    x[2] = f32ToBf16(-1);
+    const q = new Uint8Array(128);
+    expect(quantizeFp8Group(x, q, false)).toBe(Math.fround(2 / 448));
+    expect(q[0]).toBe(0x7e);
+    expect(q[1]).toBe(0x7f);
+    expect(e4m3ToF32(q[2]!)).toBe(-224);
+    x[1] = 0x7f80; // +Inf
+    expect(quantizeFp8Group(x, q, true)).toBe(Infinity);
+    expect([q[0], q[1], q[2]]).toEqual([0x00, 0x7f, 0x80]);
+  });
+
   test("bad shapes are rejected with the argument named", () => {
     expect(() => quantizeFp8(new HostTensor("bf16", [2, 192]), { roundScale: false, ue8m0: false })).toThrow(/hidden must be a multiple of 128/);
     expect(() => quantizeFp8(new HostTensor("bf16", [2, 256]), { roundScale: true, ue8m0: true })).toThrow(/multiple of 512/);
