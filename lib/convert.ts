@@ -232,7 +232,7 @@ export function ue8m0Byte(scale: number): number {
 
 /** The scale a UE8M0 byte stands for: 2^(byte - 127) (byte 0 gives 2^-127, 255 gives 2^128). */
 export function ue8m0ToScale(byte: number): number {
-  return 2 ** ((byte & 0xff) - 127);
+  return Math.fround(2 ** ((byte & 0xff) - 127)); // as f32: byte 255 is Inf
 }
 
 /** Pack per-group power-of-two scales [rows, groups] into i32 words [rows, groups/4], little-endian bytes. */
