@@ -302,14 +302,14 @@ export class EpBuffer {
     let reason: string;
     if (choice === "host") {
       kind = "host";
-      reason = "host (requested)";
+      reason = "requested";
     } else {
       const probe = await probeCuda(device);
       if (choice === "cuda" && !probe.ok) {
         failArgument(ctx, "backend", `backend "cuda" cannot run here: ${probe.reason}`);
       }
       kind = probe.ok ? "cuda" : "host";
-      reason = choice === "cuda" ? `cuda (requested): ${probe.reason}` : probe.ok ? `auto: ${probe.reason}` : `auto: no CUDA (${firstLine(probe.reason)}); using host`;
+      reason = choice === "cuda" ? `requested: ${probe.reason}` : probe.ok ? `auto: ${probe.reason}` : `auto: no CUDA (${firstLine(probe.reason)}); using host`;
     }
     let backend: Backend;
     if (kind === "cuda") {
