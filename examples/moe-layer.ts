@@ -249,8 +249,8 @@ async function runRank(c: Config, group: Group): Promise<boolean> {
 
   const times = { dispatch: [] as number[], experts: [] as number[], combine: [] as number[], step: [] as number[] };
   let combined: HostTensor | null = null;
-  let numTokensPerRank = new Int32Array(numRanks);
-  let numTokensPerExpert = new Int32Array(c.experts);
+  let numTokensPerRank: Int32Array<ArrayBufferLike> = new Int32Array(numRanks);
+  let numTokensPerExpert: Int32Array<ArrayBufferLike> = new Int32Array(c.experts);
   let numRecvTokens = 0;
   for (let step = 0; step < c.steps; step++) {
     await group.barrier(); // steps start together, so the times measure the layer, not skew
