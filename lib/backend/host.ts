@@ -109,10 +109,13 @@ export function decodeTensors(bytes: Uint8Array, from: number): (HostTensor | nu
 // ---- helpers ----
 
 function host<D extends DType>(t: Tensor, dtype?: D): HostTensor<D> {
-  // EpBuffer validated device "cpu"; anything readable as a HostTensor works from here on.
-  if (!(t instanceof HostTensor)) throw new TypeError(`host backend: expected a HostTensor, got ${t.dtype} [${t.shape.join(", ")}] on ${String(t.device)}`);
+  // EpBuffer validated device "cpu": a HostTensor, or another tensor whose memory the host reads
+  // through a typed array (PinnedTensor). Wrapping shares that memory, so in-place outputs work.
   if (dtype !== undefined && t.dtype !== dtype) throw new TypeError(`host backend: expected ${dtype}, got ${t.dtype}`);
-  return t as HostTensor<D>;
+  if (t instanceof HostTensor) return t as HostTensor<D>;
+  const data = (t as { data?: unknown }).data;
+  if (t.device === "cpu" && ArrayBuffer.isView(data)) return new HostTensor(t.dtype, t.shape, data as never) as HostTensor<D>;
+  throw new TypeError(`host backend: expected a tensor in host memory, got ${t.dtype} [${t.shape.join(", ")}] on ${String(t.device)}`);
 }
 
 function i32Tensor(values: ArrayLike<number>): HostTensor<"i32"> {

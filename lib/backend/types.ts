@@ -67,7 +67,7 @@ export interface DispatchArgs {
   topkIdx: Tensor | null;
   /** f32 [T, K]. Null for a cached dispatch or when weights are not needed. */
   topkWeights: Tensor | null;
-  /** From getDispatchLayout; computed by the backend when null (and no handle). */
+  /** From getDispatchLayout. Always set for a fresh dispatch (EpBuffer computes it when the caller did not); null with a handle. */
   layout: DispatchLayout | null;
   /** A handle from an earlier dispatch of this buffer: replay its routing with new x. */
   handle: DispatchHandle | null;
