@@ -1,0 +1,573 @@
+// The CUDA backend: one per rank. Owns the rank's comm stream, its registered (IPC) buffer for the
+// normal kernels (allocated once here, peers' pointers exchanged through the group), a mapped pinned
+// record the kernels write for the host (receive counts, errors), and delegates the low-latency
+// calls to the LowLatencyEngine (lib/backend/cuda_ll.ts) when `init.lowLatency` is set.
+//
+// Normal-kernel protocol and buffer layout: cuda/include/bun_ep_normal.h. Every collective call
+// takes the next `seq` (same on every rank because every rank makes the same calls in the same
+// order); the kernels' flags carry it, so nothing is ever reset between calls.
+//
+// dispatch() launches its notify step before its first `await`, so one process driving several
+// ranks issues every rank's launches first and then awaits them together.
+
+import { BunEpError, check, native, Status } from "../ffi.ts";
+import {
+  NORMAL_CONTROL_BYTES,
+  NORMAL_HOST_RECORD_BYTES,
+  NORMAL_MAX_CHANNELS,
+  NORMAL_MAX_RANKS,
+  NORMAL_STEP_NAMES,
+  NORMAL_WORKSPACE_BYTES,
+  NormalError,
+  Rec,
+} from "../native/normal.ts";
+import { Event, Stream, withDevice } from "../stream.ts";
+import { DeviceTensor, HostTensor, PinnedTensor, type Tensor } from "../tensor.ts";
+import { exchangePeerPointers, PeerBuffer, type PeerPointers } from "./cuda_peers.ts";
+import type {
+  Backend,
+  BackendInit,
+  CombineArgs,
+  CombineResult,
+  DispatchArgs,
+  DispatchHandle,
+  DispatchLayout,
+  DispatchResult,
+  EventLike,
+  LowLatencyCombineArgs,
+  LowLatencyCombineResult,
+  LowLatencyDispatchArgs,
+  LowLatencyDispatchResult,
+  LowLatencyHandle,
+} from "./types.ts";
+
+/** What this backend needs of H6's engine (lib/backend/cuda_ll.ts). */
+interface LowLatencyEngineLike {
+  dispatch(args: LowLatencyDispatchArgs): Promise<LowLatencyDispatchResult>;
+  combine(args: LowLatencyCombineArgs): Promise<LowLatencyCombineResult>;
+  getNextCombineBuffer(handle: LowLatencyHandle): Tensor;
+  clean(): Promise<void>;
+  setRankMask(alive: readonly boolean[]): void;
+  close(): Promise<void>;
+}
+interface LowLatencyModule {
+  LowLatencyEngine: { create(opts: { init: BackendInit; commStream: Stream }): Promise<LowLatencyEngineLike> };
+}
+
+export async function createCudaBackend(init: BackendInit): Promise<Backend> {
+  return CudaBackend.create(init);
+}
+
+/** Backend-private part of a normal DispatchHandle. */
+interface CudaHandleData {
+  /** bun_ep_normal_handle_bytes(numTokens, numRanks) bytes: offsets and homeSlot (see the header). */
+  handleMem: DeviceTensor<"i32">;
+  recvCountPerExpert: DeviceTensor<"i32">;
+  numChannels: number;
+  numExperts: number;
+  topk: number;
+  xDType: "bf16" | "fp8_e4m3";
+}
+
+/** Fields of bunEpNormalComm_t: rank, numRanks, peerBuffers[8], bufferBytes, hostRecord, workspace, timeoutNs, seq, stream. */
+const COMM_FIELDS = 2 + NORMAL_MAX_RANKS + 6;
+
+/** Fills an argument struct of 8-byte fields in header order. */
+class StructWriter {
+  readonly data: BigInt64Array;
+  #at = 0;
+  constructor(fields: number) {
+    this.data = new BigInt64Array(fields);
+  }
+  put(value: number | bigint): this {
+    if (this.#at >= this.data.length) throw new Error(`internal: argument struct overflow (${this.data.length} fields)`);
+    this.data[this.#at++] = BigInt(value);
+    return this;
+  }
+  /** The filled struct; every field must have been written. */
+  done(): BigInt64Array {
+    if (this.#at !== this.data.length) throw new Error(`internal: argument struct has ${this.#at} of ${this.data.length} fields`);
+    return this.data;
+  }
+  get length(): number {
+    return this.#at;
+  }
+}
+
+const ptrOf = (t: Tensor | null | undefined): number => (t == null ? 0 : (t as DeviceTensor).ptr);
+
+/** Short synchronous spin, then yield to the event loop between polls. */
+async function pollUntil(done: () => boolean, timeoutMs: number): Promise<boolean> {
+  const spinEnd = performance.now() + 0.05;
+  while (performance.now() < spinEnd) if (done()) return true;
+  const deadline = performance.now() + timeoutMs;
+  let polls = 0;
+  while (!done()) {
+    if (performance.now() > deadline) return false;
+    // setImmediate keeps latency low at first; then back off to 1 ms timers.
+    await new Promise<void>((resolve) => (polls++ < 2000 ? setImmediate(resolve) : setTimeout(resolve, 1)));
+  }
+  return true;
+}
+
+const handleRegistry = new FinalizationRegistry<{ backend: WeakRef<CudaBackend>; data: CudaHandleData }>((held) => {
+  const backend = held.backend.deref();
+  if (backend === undefined || backend.closed) return;
+  try {
+    held.data.handleMem.free(backend.commStream);
+    held.data.recvCountPerExpert.free(backend.commStream);
+  } catch {
+    // A failed free at collection time has no caller to report to.
+  }
+});
+
+class CudaBackend implements Backend {
+  readonly kind = "cuda" as const;
+  readonly rank: number;
+  readonly numRanks: number;
+  readonly device: number;
+  readonly commStream: Stream;
+  readonly #init: BackendInit;
+  readonly #buffer: PeerBuffer | null;
+  readonly #peers: PeerPointers | null;
+  readonly #record: PinnedTensor<"i32">;
+  readonly #workspace: DeviceTensor<"u8">;
+  readonly #lowLatency: LowLatencyEngineLike | null;
+  /** Ordering helper: the comm stream waits on the device's default stream when no previousEvent. */
+  readonly #orderEvent: Event;
+  #seq = 0;
+  #unusable: Error | null = null;
+  #closed = false;
+
+  private constructor(
+    init: BackendInit,
+    commStream: Stream,
+    buffer: PeerBuffer | null,
+    peers: PeerPointers | null,
+    record: PinnedTensor<"i32">,
+    workspace: DeviceTensor<"u8">,
+    lowLatency: LowLatencyEngineLike | null,
+  ) {
+    this.#init = init;
+    this.rank = init.group.rank;
+    this.numRanks = init.group.size;
+    this.device = init.device;
+    this.commStream = commStream;
+    this.#buffer = buffer;
+    this.#peers = peers;
+    this.#record = record;
+    this.#workspace = workspace;
+    this.#lowLatency = lowLatency;
+    this.#orderEvent = Event.create({ device: init.device });
+  }
+
+  static async create(init: BackendInit): Promise<CudaBackend> {
+    const { group, device } = init;
+    if (group.size > NORMAL_MAX_RANKS && init.numNvlBytes > 0) {
+      throw new RangeError(`group: the intranode normal kernels support at most ${NORMAL_MAX_RANKS} ranks, got ${group.size}`);
+    }
+    if (init.numNvlBytes > 0 && init.numNvlBytes <= NORMAL_CONTROL_BYTES) {
+      throw new RangeError(`numNvlBytes: must exceed ${NORMAL_CONTROL_BYTES} (the control region), got ${init.numNvlBytes}`);
+    }
+    const commStream = Stream.create({ device });
+    const record = PinnedTensor.zeros("i32", [NORMAL_HOST_RECORD_BYTES / 4]);
+    const workspace = withDevice(device, () => DeviceTensor.zeros("u8", [NORMAL_WORKSPACE_BYTES], { device, stream: commStream }));
+    commStream.synchronize();
+    let buffer: PeerBuffer | null = null;
+    let peers: PeerPointers | null = null;
+    if (init.numNvlBytes > 0) {
+      buffer = PeerBuffer.allocate(device, init.numNvlBytes);
+      peers = await exchangePeerPointers(group, buffer.ptr, device);
+      // Every rank's buffer is zeroed before anyone's first kernel can touch it.
+      await group.barrier();
+    }
+    let lowLatency: LowLatencyEngineLike | null = null;
+    if (init.lowLatency !== null) {
+      const modulePath = "./cuda_ll.ts";
+      let module: LowLatencyModule;
+      try {
+        module = (await import(modulePath)) as LowLatencyModule;
+      } catch (err) {
+        throw new BunEpError(Status.NotSupported, "creating the low-latency engine", `lib/backend/cuda_ll.ts could not be loaded: ${(err as Error).message}`);
+      }
+      lowLatency = await module.LowLatencyEngine.create({ init, commStream });
+    }
+    return new CudaBackend(init, commStream, buffer, peers, record, workspace, lowLatency);
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  // ---- errors ------------------------------------------------------------------------------------
+
+  /** Throw the first error the kernels recorded (the buffer is unusable from then on). */
+  #throwIfFailed(): void {
+    if (this.#closed) throw new Error(`rank ${this.rank}: this CUDA backend is closed`);
+    if (this.#unusable !== null) throw this.#unusable;
+    const rec = this.#record.data;
+    const code = rec[Rec.errorCode] ?? 0;
+    if (code === 0) return;
+    const who = rec[Rec.errorRank] ?? -1;
+    const a = rec[Rec.errorA] ?? 0;
+    const b = rec[Rec.errorB] ?? 0;
+    const step = NORMAL_STEP_NAMES[rec[Rec.errorStep] ?? 0] ?? "a normal kernel";
+    const tail = "; this EpBuffer is unusable now, create a new one";
+    let message: string;
+    let status: number = Status.InternalError;
+    if (code === NormalError.timeout) {
+      status = Status.Timeout;
+      message = `rank ${this.rank}: ${step} timed out after ${this.#init.timeoutMs} ms waiting for rank ${who}, which never arrived (call ${rec[Rec.errorSeq]})`;
+    } else if (code === NormalError.badTopk) {
+      status = Status.InvalidArgument;
+      message = `rank ${who}: topkIdx: token ${a} has expert ${b}, expected a value in [-1, numExperts) (found by the ${step} kernel)`;
+    } else if (code === NormalError.worstOverflow) {
+      status = Status.InvalidArgument;
+      message = `numWorstTokens: rank ${who} receives ${a} rows but numWorstTokens is ${b}; pass numWorstTokens >= ${a}`;
+    } else if (code === NormalError.staging) {
+      status = Status.InvalidArgument;
+      message = `numNvlBytes: rank ${who} needs ${a} staging rows in ${step} but only ${b} fit in numNvlBytes = ${this.#init.numNvlBytes}; raise numNvlBytes`;
+    } else {
+      message = `rank ${this.rank}: unknown error code ${code} from ${step}`;
+    }
+    this.#unusable = new BunEpError(status, `rank ${this.rank} EpBuffer`, message + tail);
+    throw this.#unusable;
+  }
+
+  #requireNormal(what: string): { buffer: PeerBuffer; peers: PeerPointers } {
+    this.#throwIfFailed();
+    if (this.#buffer === null || this.#peers === null) {
+      throw new BunEpError(Status.NotSupported, what, "this EpBuffer was created with numNvlBytes = 0 (no normal kernels)");
+    }
+    return { buffer: this.#buffer, peers: this.#peers };
+  }
+
+  // ---- stream ordering ----------------------------------------------------------------------------
+
+  #waitBefore(previousEvent: EventLike | null): void {
+    if (previousEvent !== null) {
+      previousEvent.waitOn(this.commStream.handle);
+      return;
+    }
+    // No event: order after the device's default stream (where fromHost and user tensors live).
+    this.#orderEvent.record(Stream.forDevice(this.device));
+    this.#orderEvent.waitOn(this.commStream);
+  }
+
+  #finish(asyncFinish: boolean): EventLike | null {
+    const event = Event.create({ device: this.device }).record(this.commStream);
+    if (asyncFinish) return event;
+    event.waitOn(Stream.forDevice(this.device));
+    event.close();
+    return null;
+  }
+
+  #empty<D extends "bf16" | "fp8_e4m3" | "f32" | "i32" | "i64" | "u8">(dtype: D, shape: readonly number[]): DeviceTensor<D> {
+    return DeviceTensor.empty(dtype, shape, { device: this.device, stream: this.commStream });
+  }
+
+  /** The fields of bunEpNormalComm_t for call `seq`. */
+  #putComm(w: StructWriter, seq: number): void {
+    const { buffer, peers } = this.#requireNormal("normal kernels");
+    w.put(this.rank).put(this.numRanks);
+    for (let r = 0; r < NORMAL_MAX_RANKS; ++r) w.put(r < this.numRanks ? (peers.ptrs[r] ?? 0) : 0);
+    w.put(buffer.byteLength)
+      .put(this.#record.devicePtr)
+      .put(this.#workspace.ptr)
+      .put(Math.round(this.#init.timeoutMs * 1e6))
+      .put(seq)
+      .put(this.commStream.handle);
+  }
+
+  // ---- layout ------------------------------------------------------------------------------------
+
+  getDispatchLayout(topkIdx: Tensor, numExperts: number, previousEvent: EventLike | null, asyncFinish: boolean): DispatchLayout {
+    this.#throwIfFailed();
+    const numTokens = topkIdx.shape[0] ?? 0;
+    const topk = topkIdx.shape[1] ?? 0;
+    this.#waitBefore(previousEvent);
+    const numTokensPerRank = this.#empty("i32", [this.numRanks]);
+    const numTokensPerExpert = this.#empty("i32", [numExperts]);
+    const isTokenInRank = this.#empty("u8", [numTokens, this.numRanks]);
+    const w = new StructWriter(11);
+    w.put(ptrOf(topkIdx)).put(numTokensPerRank.ptr).put(numTokensPerExpert.ptr).put(isTokenInRank.ptr);
+    w.put(numTokens).put(topk).put(numExperts).put(this.numRanks).put(this.rank).put(this.#record.devicePtr).put(this.commStream.handle);
+    check(native().bun_ep_normal_layout(w.done()), `rank ${this.rank}: getDispatchLayout`);
+    return { numTokensPerRank, numTokensPerRdmaRank: null, numTokensPerExpert, isTokenInRank, event: this.#finish(asyncFinish) };
+  }
+
+  // ---- dispatch ----------------------------------------------------------------------------------
+
+  dispatch(args: DispatchArgs): Promise<DispatchResult> {
+    // Not async: every launch that does not need the host wait happens before this returns.
+    try {
+      this.#requireNormal("dispatch");
+      this.#waitBefore(args.previousEvent);
+      if (args.handle !== null) return Promise.resolve(this.#cachedDispatch(args, args.handle));
+      return this.#freshDispatch(args);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  #numChannels(numSMs: number): number {
+    if (!Number.isInteger(numSMs) || numSMs < 1 || numSMs > NORMAL_MAX_CHANNELS) {
+      throw new RangeError(`config.numSMs: expected an integer in [1, ${NORMAL_MAX_CHANNELS}], got ${numSMs}`);
+    }
+    return numSMs;
+  }
+
+  #stagingRows(hidden: number, elementBytes: number, fp8: boolean, topk: number): number {
+    const { buffer } = this.#requireNormal("dispatch");
+    return Number(native().bun_ep_normal_staging_rows(buffer.byteLength, hidden, elementBytes, fp8 ? 1 : 0, topk, 1));
+  }
+
+  #freshDispatch(args: DispatchArgs): Promise<DispatchResult> {
+    const x = args.x as DeviceTensor;
+    const topkIdx = args.topkIdx!;
+    const layout = args.layout!;
+    const numTokens = x.shape[0]!;
+    const hidden = x.shape[1]!;
+    const topk = topkIdx.shape[1]!;
+    const numExperts = layout.numTokensPerExpert.shape[0]!;
+    const numLocalExperts = numExperts / this.numRanks;
+    const numChannels = this.#numChannels(args.config.numSMs);
+    const fp8 = x.dtype === "fp8_e4m3";
+    const elementBytes = fp8 ? 1 : 2;
+    const stagingRows = this.#stagingRows(hidden, elementBytes, fp8, topk);
+    if (args.numWorstTokens > stagingRows) {
+      throw new RangeError(
+        `numWorstTokens: ${args.numWorstTokens} rows do not fit the staging area of numNvlBytes = ${this.#init.numNvlBytes} ` +
+          `(${stagingRows} rows of hidden ${hidden}, ${x.dtype}); raise numNvlBytes or lower numWorstTokens`,
+      );
+    }
+    const handleBytes = Number(native().bun_ep_normal_handle_bytes(numTokens, this.numRanks));
+    const handleMem = this.#empty("i32", [handleBytes / 4]);
+    const recvCountPerExpert = this.#empty("i32", [numLocalExperts]);
+    const notifySeq = ++this.#seq;
+    const w = new StructWriter(COMM_FIELDS + 10);
+    this.#putComm(w, notifySeq);
+    w.put(ptrOf(topkIdx)).put(handleMem.ptr).put(recvCountPerExpert.ptr).put(numTokens).put(topk).put(numExperts);
+    w.put(numChannels).put(args.expertAlignment).put(args.numWorstTokens).put(stagingRows);
+    check(native().bun_ep_normal_notify(w.done()), `rank ${this.rank}: dispatch (notify)`);
+    const data: CudaHandleData = { handleMem, recvCountPerExpert, numChannels, numExperts, topk, xDType: fp8 ? "fp8_e4m3" : "bf16" };
+
+    const launchData = (numRecvTokens: number | null, numRecvRows: number, perExpert: number[] | null): DispatchResult => {
+      const recvX = this.#empty(x.dtype as "bf16" | "fp8_e4m3", [numRecvRows, hidden]);
+      const recvXScales = fp8 ? this.#empty("f32", [numRecvRows, hidden / 128]) : null;
+      const recvTopkIdx = this.#empty("i64", [numRecvRows, topk]);
+      const recvTopkWeights = args.topkWeights !== null ? this.#empty("f32", [numRecvRows, topk]) : null;
+      this.#launchDispatch(args, data, numRecvRows, { recvX, recvXScales, recvTopkIdx, recvTopkWeights });
+      const handle = this.#makeHandle(data, numTokens, hidden, numRecvTokens, numRecvRows);
+      return {
+        recvX,
+        recvXScales,
+        recvTopkIdx,
+        recvTopkWeights,
+        numRecvTokensPerExpert: perExpert,
+        recvCountPerExpert: this.#copyOf(recvCountPerExpert),
+        numRecvTokens,
+        handle,
+        event: this.#finish(args.asyncFinish),
+      };
+    };
+
+    if (args.numWorstTokens > 0) return Promise.resolve(launchData(null, args.numWorstTokens, null));
+    return this.#awaitNotify(notifySeq).then(() => {
+      const rec = this.#record.data;
+      const numRecv = rec[Rec.numRecv]!;
+      const maxRecv = rec[Rec.maxRecv]!;
+      if (maxRecv > stagingRows) {
+        this.#seq++; // every rank skips the data step alike, so the next call's seq still agrees
+        throw new RangeError(
+          `numNvlBytes: rank ${rec[Rec.maxRecvRank]} receives ${maxRecv} rows but the staging area of numNvlBytes = ` +
+            `${this.#init.numNvlBytes} holds ${stagingRows} rows of hidden ${hidden} (${x.dtype}); raise numNvlBytes`,
+        );
+      }
+      const perExpert = Array.from(rec.subarray(Rec.expertCounts, Rec.expertCounts + numLocalExperts));
+      return launchData(numRecv, numRecv, perExpert);
+    });
+  }
+
+  async #awaitNotify(seq: number): Promise<void> {
+    const rec = this.#record.data;
+    const arrived = (): boolean => rec[Rec.notifySeq]! >= seq || rec[Rec.errorCode]! !== 0;
+    // The device gives up after timeoutMs and names the missing rank; the host waits a little longer.
+    const ok = await pollUntil(arrived, this.#init.timeoutMs * 1.5 + 2000);
+    this.#throwIfFailed();
+    if (!ok) {
+      this.#unusable = new BunEpError(
+        Status.Timeout,
+        `rank ${this.rank} dispatch`,
+        `the notify step did not finish within ${this.#init.timeoutMs * 1.5 + 2000} ms and the device reported no missing rank ` +
+          `(was the kernel ever scheduled? several processes on one GPU need MPS); this EpBuffer is unusable now`,
+      );
+      throw this.#unusable;
+    }
+  }
+
+  #launchDispatch(
+    args: DispatchArgs,
+    data: CudaHandleData,
+    recvRows: number,
+    out: { recvX: DeviceTensor; recvXScales: DeviceTensor | null; recvTopkIdx: DeviceTensor | null; recvTopkWeights: DeviceTensor | null },
+  ): void {
+    const x = args.x;
+    const fp8 = x.dtype === "fp8_e4m3";
+    const seq = ++this.#seq;
+    const w = new StructWriter(COMM_FIELDS + 17);
+    this.#putComm(w, seq);
+    w.put(data.handleMem.ptr).put(ptrOf(x)).put(ptrOf(args.xScales)).put(ptrOf(args.topkIdx)).put(ptrOf(args.topkWeights));
+    w.put(out.recvX.ptr).put(ptrOf(out.recvXScales)).put(ptrOf(out.recvTopkIdx)).put(ptrOf(out.recvTopkWeights));
+    w.put(x.shape[0]!).put(x.shape[1]!).put(fp8 ? 1 : 2).put(args.topkIdx !== null ? data.topk : 0).put(data.numExperts);
+    w.put(data.numChannels).put(recvRows).put(0);
+    check(native().bun_ep_normal_dispatch(w.done()), `rank ${this.rank}: dispatch`);
+  }
+
+  #cachedDispatch(args: DispatchArgs, handle: DispatchHandle): DispatchResult {
+    const data = handle.data as CudaHandleData;
+    const x = args.x;
+    const fp8 = x.dtype === "fp8_e4m3";
+    const hidden = x.shape[1]!;
+    const stagingRows = this.#stagingRows(hidden, fp8 ? 1 : 2, fp8, 0);
+    if (handle.numRecvRows > stagingRows) {
+      throw new RangeError(`numNvlBytes: ${handle.numRecvRows} rows do not fit the staging area (${stagingRows} rows); raise numNvlBytes`);
+    }
+    const recvX = this.#empty(x.dtype as "bf16" | "fp8_e4m3", [handle.numRecvRows, hidden]);
+    const recvXScales = fp8 ? this.#empty("f32", [handle.numRecvRows, hidden / 128]) : null;
+    this.#launchDispatch({ ...args, topkIdx: null, topkWeights: null }, data, handle.numRecvRows, {
+      recvX,
+      recvXScales,
+      recvTopkIdx: null,
+      recvTopkWeights: null,
+    });
+    return {
+      recvX,
+      recvXScales,
+      recvTopkIdx: null,
+      recvTopkWeights: null,
+      numRecvTokensPerExpert: null,
+      recvCountPerExpert: this.#copyOf(data.recvCountPerExpert),
+      numRecvTokens: handle.numRecvTokens,
+      handle,
+      event: this.#finish(args.asyncFinish),
+    };
+  }
+
+  #copyOf(t: DeviceTensor<"i32">): DeviceTensor<"i32"> {
+    return this.#empty("i32", t.shape).copyFrom(t, this.commStream);
+  }
+
+  #makeHandle(data: CudaHandleData, numTokens: number, hidden: number, numRecvTokens: number | null, numRecvRows: number): DispatchHandle {
+    const handle: DispatchHandle = {
+      kind: "normal",
+      bufferId: this.#init.bufferId,
+      numTokens,
+      hidden,
+      numRecvTokens,
+      numRecvRows,
+      data,
+    };
+    handleRegistry.register(handle, { backend: new WeakRef(this), data });
+    return handle;
+  }
+
+  // ---- combine -----------------------------------------------------------------------------------
+
+  async combine(args: CombineArgs): Promise<CombineResult> {
+    this.#requireNormal("combine");
+    const data = args.handle.data as CudaHandleData;
+    const hidden = args.x.shape[1]!;
+    const numTokens = args.handle.numTokens;
+    const topk = args.topkWeights?.shape[1] ?? 0;
+    const numBlocks = this.#numChannels(args.config.numSMs);
+    this.#waitBefore(args.previousEvent);
+    const combinedX = this.#empty("bf16", [numTokens, hidden]);
+    const combinedTopkWeights = args.topkWeights !== null ? this.#empty("f32", [numTokens, topk]) : null;
+    const seq = ++this.#seq;
+    const w = new StructWriter(COMM_FIELDS + 12);
+    this.#putComm(w, seq);
+    w.put(data.handleMem.ptr).put(ptrOf(args.x)).put(ptrOf(args.topkWeights)).put(ptrOf(args.biases[0])).put(ptrOf(args.biases[1]));
+    w.put(combinedX.ptr).put(ptrOf(combinedTopkWeights)).put(numTokens).put(hidden).put(topk).put(numBlocks).put(0);
+    check(native().bun_ep_normal_combine(w.done()), `rank ${this.rank}: combine`);
+    return { combinedX, combinedTopkWeights, event: this.#finish(args.asyncFinish) };
+  }
+
+  // ---- low latency (H6's engine) -----------------------------------------------------------------
+
+  #ll(what: string): LowLatencyEngineLike {
+    this.#throwIfFailed();
+    if (this.#lowLatency === null) {
+      throw new BunEpError(Status.NotSupported, what, "this EpBuffer was created without the lowLatency option");
+    }
+    return this.#lowLatency;
+  }
+
+  lowLatencyDispatch(args: LowLatencyDispatchArgs): Promise<LowLatencyDispatchResult> {
+    try {
+      return this.#ll("lowLatencyDispatch").dispatch(args);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  lowLatencyCombine(args: LowLatencyCombineArgs): Promise<LowLatencyCombineResult> {
+    try {
+      return this.#ll("lowLatencyCombine").combine(args);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  getNextLowLatencyCombineBuffer(handle: LowLatencyHandle): Tensor {
+    return this.#ll("getNextLowLatencyCombineBuffer").getNextCombineBuffer(handle);
+  }
+
+  cleanLowLatencyBuffer(): Promise<void> {
+    try {
+      return this.#ll("cleanLowLatencyBuffer").clean();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  setRankMask(alive: readonly boolean[]): void {
+    this.#lowLatency?.setRankMask(alive);
+  }
+
+  // ---- tensors -----------------------------------------------------------------------------------
+
+  fromHost(t: HostTensor): Tensor {
+    return DeviceTensor.fromHost(t, { device: this.device });
+  }
+
+  toHost(t: Tensor): HostTensor {
+    if (t instanceof HostTensor) return t.clone();
+    if (t instanceof PinnedTensor) return t.asHost().clone();
+    if (!(t instanceof DeviceTensor)) throw new TypeError("toHost: expected a DeviceTensor of this backend");
+    const host = t.toHost();
+    this.#throwIfFailed();
+    return host;
+  }
+
+  // ---- close -------------------------------------------------------------------------------------
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.commStream.synchronize();
+    } finally {
+      await this.#lowLatency?.close();
+      this.#peers?.close();
+      // Peers must have unmapped this rank's buffer before it is freed.
+      if (this.#buffer !== null) await this.#init.group.barrier();
+      this.#buffer?.free();
+      this.#workspace.free(this.commStream);
+      this.commStream.synchronize();
+      this.#record.free();
+      this.#orderEvent.close();
+      this.commStream.close();
+    }
+  }
+}
