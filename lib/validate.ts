@@ -165,8 +165,8 @@ function hostData(t: Tensor): ArrayLike<number | bigint> | null {
 }
 
 /**
- * Every expert id in [-1, numExperts). Read for host tensors only; device tensors are checked
- * by the CUDA kernels (see the file comment).
+ * Every expert id in [-1, numExperts), and no id repeated within a row (-1 may repeat). Read for
+ * host tensors only; device tensors are checked by the CUDA kernels (see the file comment).
  */
 export function checkExpertIds(ctx: CheckContext, argument: string, topkIdx: Tensor, numExperts: number): void {
   const data = hostData(topkIdx);
@@ -174,12 +174,14 @@ export function checkExpertIds(ctx: CheckContext, argument: string, topkIdx: Ten
   const topk = topkIdx.shape[1] ?? 1;
   for (let i = 0; i < data.length; i++) {
     const e = Number(data[i]);
+    const [row, k] = [Math.floor(i / topk), i % topk];
     if (e < -1 || e >= numExperts) {
-      fail(
-        ctx,
-        argument,
-        `${argument} values must be expert ids in [-1, numExperts) = [-1, ${numExperts}), got ${e} at [${Math.floor(i / topk)}, ${i % topk}]`,
-      );
+      fail(ctx, argument, `${argument} values must be expert ids in [-1, numExperts) = [-1, ${numExperts}), got ${e} at [${row}, ${k}]`);
+    }
+    for (let j = row * topk; e >= 0 && j < i; j++) {
+      if (Number(data[j]) === e) {
+        fail(ctx, argument, `${argument} rows must not repeat an expert id (-1 excepted), got ${e} at [${row}, ${j - row * topk}] and [${row}, ${k}]`);
+      }
     }
   }
 }

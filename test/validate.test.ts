@@ -95,9 +95,14 @@ describe("getDispatchLayout", () => {
     bad.data[0] = -2n;
     return expectArgError(() => b.getDispatchLayout(bad, E), "topkIdx", "got -2 at [0, 0]");
   });
+  test("expert id repeated in a row", () => {
+    const bad = topkIdx.clone();
+    bad.data[9] = bad.data[8]!;
+    return expectArgError(() => b.getDispatchLayout(bad, E), "topkIdx", "must not repeat an expert id", `got ${bad.data[8]} at [4, 0] and [4, 1]`);
+  });
   test("-1 is allowed", () => {
     const masked = topkIdx.clone();
-    masked.data.fill(-1n);
+    masked.data.fill(-1n); // -1 repeated within a row is fine
     const layout = b.getDispatchLayout(masked, E);
     expect(Array.from(b.toHost(layout.numTokensPerRank).data as Int32Array)).toEqual([0, 0]);
   });
