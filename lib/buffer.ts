@@ -43,8 +43,8 @@ export interface EpBufferOptions {
   /** The rank group this buffer communicates over (TcpGroup, one LocalGroup member, or your own). Its rank and size are this buffer's. */
   group: Group;
   /**
-   * "auto" (default): the CUDA backend when `build/libbun_ep.so` loads and a CUDA device exists,
-   * else the host backend. "cuda" fails with the loader's reason when it cannot run. "host": CPU
+   * "auto" (default): the CUDA backend when `build/libbun_ep.so` loads and this rank's CUDA device
+   * exists on every rank (agreed through the group), else the host backend. "cuda" fails with the loader's reason when it cannot run. "host": CPU
    * memory, exchange through the group; needs no compiler or GPU. See `backendKind`.
    */
   backend?: BackendChoice;
@@ -304,9 +304,15 @@ export class EpBuffer {
       kind = "host";
       reason = "requested";
     } else {
-      const probe = await probeCuda(device);
+      let probe = await probeCuda(device);
       if (choice === "cuda" && !probe.ok) {
         failArgument(ctx, "backend", `backend "cuda" cannot run here: ${probe.reason}`);
+      }
+      if (choice === "auto") {
+        // Every rank must pick the same backend: CUDA only if it works on all of them.
+        const votes = await group.allGather(new TextEncoder().encode(probe.ok ? "" : firstLine(probe.reason)));
+        const failed = votes.findIndex((v) => v.byteLength > 0);
+        if (probe.ok && failed >= 0) probe = { ok: false, reason: `rank ${failed}: ${new TextDecoder().decode(votes[failed])}` };
       }
       kind = probe.ok ? "cuda" : "host";
       reason = choice === "cuda" ? `requested: ${probe.reason}` : probe.ok ? `auto: ${probe.reason}` : `auto: no CUDA (${firstLine(probe.reason)}); using host`;

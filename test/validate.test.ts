@@ -73,11 +73,13 @@ describe("EpBuffer.create", () => {
   test("lowLatency.numExperts not a multiple of numRanks", () =>
     expectArgError(() => EpBuffer.create({ group: groups[0]!, lowLatency: { maxTokensPerRank: 4, hidden: 128, numExperts: 3 } }), "lowLatency.numExperts", "numRanks = 2", "3"));
   test("backend auto says which backend it chose", async () => {
-    const buf = await EpBuffer.create({ group: groups[0]!, backend: "auto" });
-    // This test machine may or may not have a GPU; either way the choice is stated.
-    expect(["cuda", "host"]).toContain(buf.backendKind);
-    expect(buf.backendReason.length).toBeGreaterThan(0);
-    await buf.close();
+    // Collective: the ranks agree on one backend. This machine may or may not have a GPU; either
+    // way both ranks make the same choice and state it.
+    const created = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "auto" })));
+    expect(["cuda", "host"]).toContain(created[0]!.backendKind);
+    expect(created[1]!.backendKind).toBe(created[0]!.backendKind);
+    expect(created[0]!.backendReason).toMatch(/^auto: /);
+    await Promise.all(created.map((buf) => buf.close()));
   });
 });
 
