@@ -40,7 +40,7 @@ interface HandleData {
 }
 
 /** Tensors over one parity's region of the buffer. */
-interface ParityViews {
+export interface ParityViews {
   recvXBf16: DeviceTensor<"bf16">;
   recvXFp8: DeviceTensor<"fp8_e4m3">;
   scalesF32: DeviceTensor<"f32">;
@@ -174,6 +174,16 @@ export class LowLatencyEngine {
       buffer.free();
       throw err;
     }
+  }
+
+  /** Parity the next dispatch will use (tests poison its outputs before the call). */
+  get nextParity(): 0 | 1 {
+    return this.#nextParity;
+  }
+
+  /** The preallocated output tensors of one parity (tests and benchmarks). */
+  outputTensors(parity: 0 | 1): Readonly<ParityViews> {
+    return this.#views[parity];
   }
 
   /** Throws (BunEpError "Timeout", naming the rank) if a kernel of this engine waited in vain. */
