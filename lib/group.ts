@@ -142,6 +142,8 @@ interface Waiter {
 interface Slot {
   parts: (Uint8Array | undefined)[];
   arrived: number;
+  /** The first rank seen at this sequence number and what it called: all must call the same. */
+  first?: { rank: number; kind: Kind; root: number };
   waiter?: Waiter;
 }
 
@@ -210,10 +212,12 @@ class RankEndpoint {
       const timer = setTimeout(() => this.timeOut(seq, call), this.timeoutMs);
       slot.waiter = { kind, root, resolve, reject, timer };
       if (this.waiting++ === 0) this.setBusy(true);
+      if (!this.sameCall(seq, slot, this.rank, kind, root)) return;
       try {
         this.contribute(seq, kind, root, sends ? bytes.slice() : EMPTY);
       } catch (error) {
-        this.fail(error instanceof GroupError ? error.message : String(error), "store-lost");
+        if (error instanceof GroupError) this.fail(error.message, error.code, error.ranks);
+        else this.fail(String(error), "protocol");
         return;
       }
       this.settleIfComplete(seq, slot);
@@ -221,7 +225,8 @@ class RankEndpoint {
   }
 
   /** A part from `source` for collective #seq. */
-  deliver(seq: number, source: number, payload: Uint8Array): void {
+  deliver(seq: number, source: number, kind: Kind, root: number, payload: Uint8Array): void {
+    if (this.broken || this.closed) return;
     if (seq < this.nextSeq && !this.slots.has(seq)) {
       throw new GroupError(`part from rank ${source} for #${seq}, which already completed`, "protocol");
     }
@@ -229,9 +234,27 @@ class RankEndpoint {
     if (slot.parts[source] !== undefined) {
       throw new GroupError(`rank ${source} sent two parts for #${seq}`, "protocol");
     }
+    if (!this.sameCall(seq, slot, source, kind, root)) return;
     slot.parts[source] = payload;
     slot.arrived += 1;
     this.settleIfComplete(seq, slot);
+  }
+
+  /** Check that `rank` called what the first rank seen at #seq called; on a mismatch, fail. */
+  private sameCall(seq: number, slot: Slot, rank: number, kind: Kind, root: number): boolean {
+    const first = slot.first;
+    if (!first) {
+      slot.first = { rank, kind, root };
+      return true;
+    }
+    if (first.kind === kind && first.root === root) return true;
+    this.fail(
+      `collective mismatch: rank ${first.rank} called ${describeCall(first.kind, seq, first.root)} ` +
+        `but rank ${rank} called ${describeCall(kind, seq, root)}`,
+      "mismatch",
+      [first.rank, rank].sort((a, b) => a - b),
+    );
+    return false;
   }
 
   /** `rank` left: every waiting collective still missing its part fails, and so do later ones. */
@@ -501,8 +524,8 @@ export class LocalGroup extends EndpointGroup {
     const endpoint = this.endpoint;
     hub.sinks[rank] = {
       // Each rank gets its own copy: a rank may modify its result.
-      part: (seq, source, _kind, _root, payload) =>
-        endpoint.deliver(seq, source, payload.byteLength ? payload.slice() : EMPTY),
+      part: (seq, source, kind, root, payload) =>
+        endpoint.deliver(seq, source, kind, root, payload.byteLength ? payload.slice() : EMPTY),
       gone: (gone, reason) => endpoint.rankGone(gone, reason),
       error: (message, code) => endpoint.fail(message, code),
     };
@@ -694,11 +717,11 @@ class SocketWriter {
     private readonly setBacklogged: (backlogged: boolean) => void,
   ) {}
 
-  get idle(): boolean {
-    return this.queue.length === 0;
-  }
+  /** True once a write found the socket closed: later sends are dropped. */
+  closed = false;
 
-  send(frame: Omit<Frame, "payload">, payload: Uint8Array, owned: boolean): void {
+  /** Queue a frame; false when the socket is already closed (the frame is dropped). */
+  send(frame: Omit<Frame, "payload">, payload: Uint8Array, owned: boolean): boolean {
     const header = encodeFrameHeader(frame, payload.byteLength);
     if (payload.byteLength === 0) {
       this.write(header, true);
@@ -711,6 +734,7 @@ class SocketWriter {
       this.write(header, true);
       this.write(payload, owned);
     }
+    return !this.closed;
   }
 
   /** Half-close once everything queued is written. */
@@ -724,6 +748,7 @@ class SocketWriter {
       const head = this.queue[0]!;
       const written = this.socket.write(head);
       if (written < 0) {
+        this.closed = true;
         this.queue.length = 0;
         break;
       }
@@ -738,12 +763,17 @@ class SocketWriter {
   }
 
   private write(bytes: Uint8Array, owned: boolean): void {
+    if (this.closed) return;
     if (this.queue.length > 0) {
       this.queue.push(owned ? bytes : bytes.slice());
       return;
     }
     const written = this.socket.write(bytes);
-    if (written < 0) throw new GroupError("the connection is closed", "store-lost");
+    if (written < 0) {
+      // The peer is gone; its close handler reports that. Nothing more can be sent.
+      this.closed = true;
+      return;
+    }
     if (written < bytes.byteLength) {
       const rest = bytes.subarray(written);
       this.queue.push(owned ? rest : rest.slice());
@@ -1115,8 +1145,8 @@ export class TcpGroup extends EndpointGroup {
     const endpoint = this.endpoint;
     // Rank 0 talks to the hub in process. Hub payloads may still be queued for sockets: copy.
     store.hub.sinks[0] = {
-      part: (seq, source, _kind, _root, payload) =>
-        endpoint.deliver(seq, source, payload.byteLength ? payload.slice() : EMPTY),
+      part: (seq, source, kind, root, payload) =>
+        endpoint.deliver(seq, source, kind, root, payload.byteLength ? payload.slice() : EMPTY),
       gone: (rank, reason) => endpoint.rankGone(rank, reason),
       error: (message, code) => endpoint.fail(message, code),
     };
@@ -1131,7 +1161,10 @@ export class TcpGroup extends EndpointGroup {
       return;
     }
     // The payload is a private snapshot (RankEndpoint copied it): queue it without copying.
-    this.writer!.send({ type: FrameType.Contribute, kind, rank: this.rank, seq, arg: root, arg2: 0 }, payload, true);
+    const frame = { type: FrameType.Contribute, kind, rank: this.rank, seq, arg: root, arg2: 0 };
+    if (!this.writer!.send(frame, payload, true)) {
+      throw new GroupError(`lost the connection to the group's store at ${this.storeAddress} (rank 0)`, "store-lost", [0]);
+    }
   }
 
   /** Ranks 1..size-1: reach the store (retrying), say HELLO, wait for READY. */
@@ -1263,7 +1296,8 @@ export class TcpGroup extends EndpointGroup {
         if (frame.rank >= this.size || frame.rank === this.rank) {
           throw new FrameError(`PART from rank ${frame.rank}, which is out of range or this rank`);
         }
-        this.endpoint.deliver(frame.seq, frame.rank, frame.payload);
+        if (!isKind(frame.kind)) throw new FrameError(`PART of unknown collective kind ${frame.kind}`);
+        this.endpoint.deliver(frame.seq, frame.rank, frame.kind, frame.arg, frame.payload);
         return;
       case FrameType.Gone:
         if (frame.rank >= this.size) throw new FrameError(`GONE for rank ${frame.rank}, out of range`);

@@ -189,16 +189,17 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     pumps.push(pumpLines(child.stderr, (line) => onOutput(rank, "stderr", line)));
     exited.push(
       child.exited.then(() => {
+        const signal = child.signalCode === null ? null : String(child.signalCode);
         exits[rank] = {
           rank,
           pid: child.pid,
-          exitCode: child.signalCode ? null : child.exitCode,
-          signal: child.signalCode ?? null,
+          exitCode: signal ? null : child.exitCode,
+          signal,
           stoppedByLauncher: stopping?.stopped.includes(rank) ?? false,
         };
         if (stopping) return;
-        if (child.signalCode) {
-          stopAll(`rank ${rank} was killed by ${child.signalCode}`, 128 + signalNumber(child.signalCode), rank);
+        if (signal) {
+          stopAll(`rank ${rank} was killed by ${signal}`, 128 + signalNumber(signal), rank);
         } else if (child.exitCode !== 0) {
           stopAll(`rank ${rank} exited with code ${child.exitCode}`, child.exitCode ?? 1, rank);
         }
