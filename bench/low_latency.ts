@@ -1,0 +1,239 @@
+// Low-latency dispatch/combine on one GPU shared by R ranks (LocalGroup, one process):
+// DeepEP's decode config (128 tokens per rank, hidden 7168, top-8, 256 experts, fp8 dispatch, bf16
+// combine). Per call (all R ranks together): median latency with CUDA events, and inside one
+// captured graph (all ranks forked into it); bytes moved (valid (token, expert) rows) and the time
+// of a plain device copy of those bytes measured in the same run: ratioToCopy = copy / ours.
+// Also the latency floor (8 tokens, 1 expert each, in a graph) and the overlap win of two
+// micro-batches with hooks against the same without.
+//   bun bench/low_latency.ts [--ranks 2,4,8] [--iterations 50]
+
+import { check, native } from "../lib/ffi.ts";
+import { LocalGroup } from "../lib/group.ts";
+import { Event, Stream, type Graph } from "../lib/stream.ts";
+import { DeviceTensor } from "../lib/tensor.ts";
+import type { LowLatencyDispatchResult } from "../lib/backend/types.ts";
+import { createEngines, makeInputs, toDevice, type LlShape, type RankState } from "../test/gpu/fixtures/ll_harness.ts";
+import { describeDevices, markdownTable, median, requireGpu, writeResults, type Row } from "./common.ts";
+
+function option(name: string, fallback: string): string {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? (process.argv[i + 1] ?? fallback) : fallback;
+}
+const RANKS = option("--ranks", "2,4,8").split(",").map(Number);
+const ITERATIONS = Number(option("--iterations", "50"));
+const WARMUP = 5;
+const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
+
+requireGpu("bench/low_latency.ts");
+const lib = native();
+console.log(`device: ${describeDevices()}`);
+
+interface RankData {
+  x: DeviceTensor<"bf16">;
+  topkIdx: DeviceTensor<"i64">;
+  topkWeights: DeviceTensor<"f32">;
+}
+
+/** Time `enqueue` (work forked over every rank's stream) from stream 0: ms per iteration. */
+function timeForked(states: RankState[], enqueue: () => void, iterations: number): number[] {
+  const main = states[0]!.stream;
+  const samples: number[] = [];
+  for (let i = 0; i < WARMUP + iterations; i++) {
+    const start = Event.create({ timing: true, device: DEVICE }).record(main);
+    for (const st of states.slice(1)) st.stream.waitEvent(start);
+    enqueue();
+    const joins = states.slice(1).map((st) => Event.create({ device: DEVICE }).record(st.stream));
+    for (const j of joins) main.waitEvent(j);
+    const end = Event.create({ timing: true, device: DEVICE }).record(main);
+    end.synchronize();
+    if (i >= WARMUP) samples.push(start.elapsedMs(end));
+    for (const e of [start, end, ...joins]) e.close();
+  }
+  for (const st of states) st.engine.checkError();
+  return samples;
+}
+
+/** Capture `enqueue` forked over all ranks' streams into one graph. */
+function captureForked(states: RankState[], enqueue: () => void): Graph {
+  const main = states[0]!.stream;
+  main.beginCapture();
+  const fork = Event.create({ device: DEVICE }).record(main);
+  for (const st of states.slice(1)) st.stream.waitEvent(fork);
+  enqueue();
+  for (const st of states.slice(1)) main.waitEvent(Event.create({ device: DEVICE }).record(st.stream));
+  return main.endCapture();
+}
+
+function timeGraph(states: RankState[], graph: Graph, iterations: number): number[] {
+  const main = states[0]!.stream;
+  const samples: number[] = [];
+  for (let i = 0; i < WARMUP + iterations; i++) {
+    const start = Event.create({ timing: true, device: DEVICE }).record(main);
+    graph.launch(main);
+    const end = Event.create({ timing: true, device: DEVICE }).record(main);
+    end.synchronize();
+    if (i >= WARMUP) samples.push(start.elapsedMs(end));
+    start.close();
+    end.close();
+  }
+  for (const st of states) st.engine.checkError();
+  return samples;
+}
+
+function copyMs(bytes: number, stream: Stream): number {
+  const src = DeviceTensor.zeros("u8", [bytes], { device: DEVICE, stream });
+  const dst = DeviceTensor.zeros("u8", [bytes], { device: DEVICE, stream });
+  const samples: number[] = [];
+  for (let i = 0; i < WARMUP + ITERATIONS; i++) {
+    const start = Event.create({ timing: true, device: DEVICE }).record(stream);
+    check(lib.bun_ep_debug_copy_bytes(dst.ptr, src.ptr, bytes, 0, stream.handle), "copy");
+    const end = Event.create({ timing: true, device: DEVICE }).record(stream);
+    end.synchronize();
+    if (i >= WARMUP) samples.push(start.elapsedMs(end));
+    start.close();
+    end.close();
+  }
+  src.free();
+  dst.free();
+  return median(samples);
+}
+
+/** Distinct (token, expert) pairs over all ranks: the rows dispatch moves and combine returns. */
+function countPairs(shape: LlShape, seed: number, kind: "full" | "masked"): number {
+  let pairs = 0;
+  for (const input of makeInputs(seed, shape, kind)) {
+    const [T = 0, K = 0] = input.topkIdx.shape;
+    for (let t = 0; t < T; t++) {
+      const seen = new Set<bigint>();
+      for (let k = 0; k < K; k++) {
+        const e = input.topkIdx.data[t * K + k]!;
+        if (e >= 0n) seen.add(e);
+      }
+      pairs += seen.size;
+    }
+  }
+  return pairs;
+}
+
+async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { events: boolean; overlap: boolean }): Promise<void> {
+  const groups = LocalGroup.create(shape.numRanks);
+  const states = await createEngines(groups, shape, DEVICE, 30_000);
+  const seed = 1234;
+  const inputs = makeInputs(seed, shape, "full");
+  const data: RankData[] = states.map((st, r) => ({
+    x: toDevice(inputs[r]!.x, st.stream),
+    topkIdx: toDevice(inputs[r]!.topkIdx, st.stream),
+    topkWeights: toDevice(inputs[r]!.topkWeights, st.stream),
+  }));
+  let last: LowLatencyDispatchResult[] = [];
+  const dispatchAll = (hook = false, stream = (st: RankState) => st.stream.handle): LowLatencyDispatchResult[] =>
+    (last = states.map((st, r) =>
+      st.engine.dispatch({
+        x: data[r]!.x, topkIdx: data[r]!.topkIdx, maxTokensPerRank: shape.maxTokensPerRank, numExperts: shape.numExperts,
+        useFp8: true, roundScale: false, useUe8m0: false, cumulativeRecvStats: null, waitStats: null, hook, asyncFinish: false,
+        stream: stream(st),
+      }),
+    ));
+  const combineAll = (results: LowLatencyDispatchResult[], hook = false) =>
+    states.map((st, r) =>
+      st.engine.combine({
+        x: st.engine.getNextCombineBuffer(results[r]!.handle), topkIdx: data[r]!.topkIdx, topkWeights: data[r]!.topkWeights,
+        handle: results[r]!.handle, zeroCopy: true, out: null, hook, asyncFinish: false, stream: st.stream.handle,
+      }),
+    );
+
+  const pairs = countPairs(shape, seed, "full");
+  const H = shape.hidden;
+  const dispatchBytes = pairs * (H + (H / 128) * 4);
+  const combineBytes = pairs * H * 2;
+  const copyStream = states[0]!.stream;
+  const dispatchCopy = copyMs(dispatchBytes, copyStream);
+  const combineCopy = copyMs(combineBytes, copyStream);
+
+  const row = (op: string, mode: string, ms: number, bytes: number, copy: number): void => {
+    rows.push({
+      case: label, ranks: shape.numRanks, op, mode, tokensPerRank: shape.maxTokensPerRank, hidden: H, topk: shape.topk,
+      experts: shape.numExperts, latencyUs: ms * 1000, bytes, copyUs: copy * 1000, ratioToCopy: copy / ms,
+      GBps: bytes / (ms * 1e6),
+    });
+  };
+  if (opts.events) {
+    row("dispatch", "events", median(timeForked(states, () => dispatchAll(), ITERATIONS)), dispatchBytes, dispatchCopy);
+    dispatchAll();
+    for (const st of states) st.stream.synchronize();
+    const results = last;
+    row("combine", "events", median(timeForked(states, () => combineAll(results), ITERATIONS)), combineBytes, combineCopy);
+  }
+  // Graphs: dispatch alone, then combine alone (of the dispatch captured just before).
+  const dispatchGraph = captureForked(states, () => dispatchAll(false));
+  const captured = last;
+  row("dispatch", "graph", median(timeGraph(states, dispatchGraph, ITERATIONS)), dispatchBytes, dispatchCopy);
+  const combineGraph = captureForked(states, () => combineAll(captured));
+  row("combine", "graph", median(timeGraph(states, combineGraph, ITERATIONS)), combineBytes, combineCopy);
+  dispatchGraph.close();
+  combineGraph.close();
+
+  if (opts.overlap) {
+    // Two micro-batches per step with a stand-in compute (a 64 MiB device copy per rank) between.
+    const computeBytes = 64 * 2 ** 20;
+    const scratch = states.map((st) => ({
+      a: DeviceTensor.zeros("u8", [computeBytes], { device: DEVICE, stream: st.stream }),
+      b: DeviceTensor.zeros("u8", [computeBytes], { device: DEVICE, stream: st.stream }),
+    }));
+    const compute = () =>
+      states.forEach((st, r) => check(lib.bun_ep_debug_copy_bytes(scratch[r]!.b.ptr, scratch[r]!.a.ptr, computeBytes, 8, st.stream.handle), "compute"));
+    const stepWithout = () => {
+      const a = dispatchAll();
+      compute();
+      const b = dispatchAll();
+      compute();
+      combineAll(a);
+      compute();
+      combineAll(b);
+      compute();
+    };
+    const stepWith = () => {
+      const a = dispatchAll(true);
+      compute(); // micro-batch B's attention while A's tokens fly
+      const b = dispatchAll(true);
+      for (const r of a) r.hook();
+      compute(); // A's experts while B's tokens fly
+      for (const r of b) r.hook();
+      const ca = combineAll(a, true);
+      compute();
+      const cb = combineAll(b, true);
+      for (const c of ca) c.hook();
+      compute();
+      for (const c of cb) c.hook();
+    };
+    const without = median(timeForked(states, stepWithout, ITERATIONS));
+    const withHooks = median(timeForked(states, stepWith, ITERATIONS));
+    rows.push({ case: label, ranks: shape.numRanks, op: "step(2 micro-batches)", mode: "no hooks", latencyUs: without * 1000 });
+    rows.push({ case: label, ranks: shape.numRanks, op: "step(2 micro-batches)", mode: "hooks", latencyUs: withHooks * 1000, overlapWin: without / withHooks });
+    for (const s of scratch) {
+      s.a.free();
+      s.b.free();
+    }
+  }
+
+  for (const st of states) st.stream.synchronize();
+  for (const d of data) for (const t of [d.x, d.topkIdx, d.topkWeights]) t.free();
+  await Promise.all(states.map((s) => s.engine.close()));
+  for (const s of states) s.stream.close();
+  for (const g of groups) g.close();
+}
+
+const rows: Row[] = [];
+for (const numRanks of RANKS) {
+  const shape: LlShape = { numRanks, maxTokensPerRank: 128, hidden: 7168, numExperts: 256, topk: 8 };
+  console.log(`EP${numRanks}: DeepEP decode config ...`);
+  await benchShape("deepep-decode", shape, rows, { events: true, overlap: numRanks === RANKS[0] });
+}
+for (const numRanks of RANKS) {
+  const shape: LlShape = { numRanks, maxTokensPerRank: 8, hidden: 7168, numExperts: 256, topk: 1 };
+  console.log(`EP${numRanks}: latency floor ...`);
+  await benchShape("floor(8 tokens, top-1)", shape, rows, { events: false, overlap: false });
+}
+const path = writeResults("low_latency", rows, { iterations: ITERATIONS, warmup: WARMUP, goal: "ratioToCopy >= 0.6; floor < 10 us in a graph" });
+console.log(markdownTable(rows, ["case", "ranks", "op", "mode", "latencyUs", "bytes", "copyUs", "ratioToCopy", "GBps", "overlapWin"]));
+console.log(`wrote ${path}`);
