@@ -1,0 +1,140 @@
+// Normal (high-throughput) kernels on the GPU against lib/reference.ts: several ranks on one GPU in
+// one process (LocalGroup) and as processes (CUDA IPC; MPS on). Fresh seeds each run, printed on
+// failure; outputs come from poisoned pool memory so an unwritten element fails.
+import { expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { resolve } from "node:path";
+import { EpBuffer } from "../../lib/buffer.ts";
+import { LocalGroup } from "../../lib/group.ts";
+import { makeRng, randomRouting } from "../../lib/reference.ts";
+import { deviceProps } from "../../lib/stream.ts";
+import { HostTensor } from "../../lib/tensor.ts";
+import { describeGpu } from "./gpu_env.ts";
+import { describeCase, runNormalCase, type NormalCase } from "./fixtures/normal_case.ts";
+
+const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
+const seedBase = Number(process.env.BUN_EP_SEED ?? (Date.now() % 1_000_000));
+
+async function makeBuffers(numRanks: number, numNvlBytes = 256 << 20, timeoutMs = 20_000): Promise<EpBuffer[]> {
+  const groups = LocalGroup.create(numRanks, { timeoutMs: 60_000 });
+  return Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes, timeoutMs })));
+}
+
+async function closeAll(buffers: EpBuffer[]): Promise<void> {
+  await Promise.all(buffers.map((b) => b.close()));
+}
+
+function base(numRanks: number): NormalCase {
+  return {
+    numRanks, tokens: Array.from({ length: numRanks }, (_, r) => 200 + 31 * r), hidden: 2048, topk: 8, numExperts: 8 * numRanks,
+    fp8: false, weights: true, biases: 0, expertAlignment: 1, worst: false, cached: false, maskProbability: 0, numSMs: numRanks >= 8 ? 4 : 8,
+  };
+}
+
+async function check(buffers: EpBuffer[], cases: NormalCase[], seed: number): Promise<void> {
+  const problems: string[] = [];
+  for (const [i, c] of cases.entries()) {
+    const failures = await runNormalCase(buffers, c, seed + i);
+    if (failures.length > 0) problems.push(`${describeCase(c)} (seed ${seed + i}):\n  ${failures.slice(0, 6).join("\n  ")}`);
+  }
+  if (problems.length > 0) console.error(problems.join("\n"));
+  expect(problems).toEqual([]);
+}
+
+describeGpu("normal kernels, ranks of one process on one GPU", () => {
+  test("2 ranks: bf16/fp8, weights, biases, alignment, cached, worst, hidden 2048/4096/7168, topk 1/6/8", async () => {
+    const buffers = await makeBuffers(2, 512 << 20);
+    try {
+      const b = base(2);
+      await check(buffers, [
+        b,
+        { ...b, fp8: true, cached: true },
+        { ...b, hidden: 4096, topk: 6, biases: 1, expertAlignment: 8, cached: true },
+        { ...b, hidden: 7168, topk: 1, biases: 2, maskProbability: 0.3 },
+        { ...b, hidden: 7168, fp8: true, worst: true, cached: true, weights: false },
+        { ...b, tokens: [0, 300], biases: 1 },
+        { ...b, skewToExpert: 3, topk: 6 },
+        { ...b, maskProbability: 1 },
+        { ...b, numSMs: 24, tokens: [1000, 700], cached: true },
+      ], seedBase);
+    } finally {
+      await closeAll(buffers);
+    }
+  }, 240_000);
+
+  for (const numRanks of [3, 4, 8]) {
+    test(`${numRanks} ranks: bf16/fp8, biases, cached, worst, empty rank, skew`, async () => {
+      const buffers = await makeBuffers(numRanks);
+      try {
+        const b = base(numRanks);
+        await check(buffers, [
+          { ...b, cached: true, biases: 1 },
+          { ...b, fp8: true, hidden: 4096, topk: 6, worst: true },
+          { ...b, tokens: b.tokens.map((t, r) => (r === numRanks - 1 ? 0 : t)), skewToExpert: 0, maskProbability: 0.2, biases: 2 },
+        ], seedBase + numRanks * 100);
+      } finally {
+        await closeAll(buffers);
+      }
+    }, 240_000);
+  }
+
+  test("1,000 iterations of random routing with the same buffers: exact each time, no device memory growth", async () => {
+    const buffers = await makeBuffers(2);
+    try {
+      const b: NormalCase = { ...base(2), hidden: 1024, tokens: [64, 48], topk: 4, numExperts: 16, numSMs: 4, biases: 1 };
+      // One warm-up so the allocator pool reaches its steady state before measuring.
+      await check(buffers, [b], seedBase + 7);
+      const freeBefore = deviceProps(DEVICE).freeMemoryBytes;
+      const rng = makeRng(seedBase + 8);
+      const problems: string[] = [];
+      for (let i = 0; i < 1000 && problems.length === 0; i++) {
+        const c: NormalCase = { ...b, tokens: [rng.int(96), rng.int(96)], maskProbability: rng.next() * 0.3, cached: i % 3 === 0, worst: i % 5 === 0 };
+        const failures = await runNormalCase(buffers, c, seedBase + 1000 + i);
+        if (failures.length > 0) problems.push(`iteration ${i} ${describeCase(c)} (seed ${seedBase + 1000 + i}): ${failures.slice(0, 4).join("; ")}`);
+      }
+      const freeAfter = deviceProps(DEVICE).freeMemoryBytes;
+      expect(problems).toEqual([]);
+      // The stream-ordered pool may keep a little; a leak per iteration would show as many MiB.
+      expect(freeBefore - freeAfter).toBeLessThan(64 << 20);
+    } finally {
+      await closeAll(buffers);
+    }
+  }, 600_000);
+
+  test("a rank that never dispatches: the others fail naming it, and the buffer is unusable after", async () => {
+    const buffers = await makeBuffers(3, 64 << 20, 1500);
+    try {
+      const rng = makeRng(seedBase + 9);
+      const calls = buffers.slice(0, 2).map((b) => {
+        const topkIdx = b.fromHost(randomRouting(rng, 32, 24, 4));
+        const x = b.fromHost(new HostTensor("bf16", [32, 256]));
+        return b.dispatch({ x, topkIdx, config: { ...b.getDispatchConfig(), numSMs: 2 } });
+      });
+      const outcomes = await Promise.allSettled(calls);
+      for (const o of outcomes) {
+        expect(o.status).toBe("rejected");
+        expect(String((o as PromiseRejectedResult).reason)).toContain("rank 2");
+      }
+      await expect(buffers[0]!.dispatch({ x: buffers[0]!.fromHost(new HostTensor("bf16", [1, 256])), topkIdx: buffers[0]!.fromHost(randomRouting(rng, 1, 24, 4)) })).rejects.toThrow(/unusable/);
+    } finally {
+      // The buffers of a timed-out group cannot meet again; close without the collective barrier.
+      await Promise.race([closeAll(buffers), Bun.sleep(3000)]);
+    }
+  }, 60_000);
+});
+
+describeGpu("normal kernels, ranks as processes on one GPU (CUDA IPC; MPS on)", () => {
+  for (const nproc of [2, 4]) {
+    test(`${nproc} processes`, () => {
+      const root = resolve(import.meta.dir, "..", "..");
+      const run = spawnSync(
+        "bun",
+        [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", String(nproc), "--ranks-per-gpu", String(nproc), resolve(import.meta.dir, "fixtures/normal_rank.ts"), String(seedBase)],
+        { cwd: root, encoding: "utf8", timeout: 180_000 },
+      );
+      if (run.status !== 0) console.error(`seed ${seedBase}\n`, run.stdout, run.stderr);
+      expect(run.status).toBe(0);
+      for (let r = 0; r < nproc; r++) expect(run.stdout).toContain(`[rank ${r}] normal_rank ok`);
+    }, 200_000);
+  }
+});
