@@ -55,8 +55,8 @@ export interface EpBufferOptions {
   /** Bytes of the NVSHMEM buffer per rank (internode normal kernels, low-latency kernels across hosts). Default 0. */
   numRdmaBytes?: number;
   /**
-   * Sizes the low-latency buffers; required before calling lowLatencyDispatch. Calls may then use
-   * any maxTokensPerRank and hidden up to these, with this numExperts.
+   * Sizes the low-latency buffers; required before calling lowLatencyDispatch, whose
+   * maxTokensPerRank, hidden and numExperts must then equal these.
    */
   lowLatency?: { maxTokensPerRank: number; hidden: number; numExperts: number } | null;
   /** Every bounded wait (host and device) gives up after this many ms with an error naming the missing rank. Default 100000. */
@@ -122,11 +122,11 @@ export interface CombineOptions {
 
 /** Options of `lowLatencyDispatch`. */
 export interface LowLatencyDispatchOptions {
-  /** bf16 [numTokens, hidden], numTokens <= maxTokensPerRank. */
+  /** bf16 [numTokens, hidden], numTokens <= maxTokensPerRank, hidden = the buffer's lowLatency.hidden. */
   x: Tensor;
   /** i64 [numTokens, topk]: global expert ids, -1 = none. */
   topkIdx: Tensor;
-  /** Slots per (local expert, source rank); <= the buffer's lowLatency.maxTokensPerRank. Every rank passes the same value. */
+  /** Slots per (local expert, source rank); must equal the buffer's lowLatency.maxTokensPerRank. */
   maxTokensPerRank: number;
   /** Must equal the buffer's lowLatency.numExperts. */
   numExperts: number;

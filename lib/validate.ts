@@ -447,7 +447,10 @@ export function validateLowLatencyDispatch(state: BufferState, opts: LowLatencyD
   const { ctx, numRanks } = state;
   checkKnownKeys(ctx, "options", opts, LL_DISPATCH_KEYS);
   const sized = requireLowLatency(state);
-  const maxTokensPerRank = checkInteger(ctx, "maxTokensPerRank", opts.maxTokensPerRank, 1, sized.maxTokensPerRank);
+  const maxTokensPerRank = checkInteger(ctx, "maxTokensPerRank", opts.maxTokensPerRank, 1);
+  if (maxTokensPerRank !== sized.maxTokensPerRank) {
+    fail(ctx, "maxTokensPerRank", `maxTokensPerRank must equal the buffer's lowLatency.maxTokensPerRank = ${sized.maxTokensPerRank}, got ${maxTokensPerRank}`);
+  }
   const numExperts = checkNumExperts(ctx, opts.numExperts, numRanks);
   if (numExperts !== sized.numExperts) {
     fail(ctx, "numExperts", `numExperts must equal the buffer's lowLatency.numExperts = ${sized.numExperts}, got ${numExperts}`);
@@ -457,7 +460,7 @@ export function validateLowLatencyDispatch(state: BufferState, opts: LowLatencyD
   if (numTokens > maxTokensPerRank) {
     fail(ctx, "x", `x has ${numTokens} tokens, more than maxTokensPerRank = ${maxTokensPerRank} (x is bf16 [${numTokens}, ${hidden}])`);
   }
-  if (hidden > sized.hidden) fail(ctx, "x", `x hidden must be <= the buffer's lowLatency.hidden = ${sized.hidden}, got ${hidden}`);
+  if (hidden !== sized.hidden) fail(ctx, "x", `x hidden must equal the buffer's lowLatency.hidden = ${sized.hidden}, got bf16 [${numTokens}, ${hidden}]`);
   const topkIdx = checkTopkIdx(ctx, "topkIdx", opts.topkIdx, numTokens, numExperts);
   const useFp8 = checkBoolean(ctx, "useFp8", opts.useFp8);
   const useUe8m0 = checkBoolean(ctx, "useUe8m0", opts.useUe8m0);

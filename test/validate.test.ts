@@ -50,7 +50,7 @@ function fakeTensor(dtype: Tensor["dtype"], shape: number[], device: Tensor["dev
 
 beforeAll(async () => {
   groups = LocalGroup.create(R, { timeoutMs: 10_000 });
-  const lowLatency = { maxTokensPerRank: M, hidden: 512, numExperts: E };
+  const lowLatency = { maxTokensPerRank: M, hidden: H, numExperts: E };
   bufs = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "host", lowLatency })));
   other = await EpBuffer.create({ group: groups[0]!, backend: "host", lowLatency });
   b = bufs[0]!;
@@ -187,20 +187,31 @@ describe("combine", () => {
 
 describe("lowLatencyDispatch", () => {
   const ll = { x, topkIdx, maxTokensPerRank: M, numExperts: E };
+  /** A rank-0 buffer with its own low-latency sizes (host buffers need no collective to create). */
+  async function withLowLatency(hidden: number, maxTokensPerRank: number, fn: (buf: EpBuffer) => Promise<unknown>): Promise<void> {
+    const buf = await EpBuffer.create({ group: groups[0]!, backend: "host", lowLatency: { maxTokensPerRank, hidden, numExperts: E } });
+    await fn(buf);
+    await buf.close();
+  }
   test("buffer without lowLatency", async () => {
     const plain = await EpBuffer.create({ group: groups[0]!, backend: "host" });
     await expectArgError(() => plain.lowLatencyDispatch(ll), "lowLatency", "EpBuffer.create");
     await plain.close();
   });
   test("more tokens than maxTokensPerRank", () =>
-    expectArgError(() => b.lowLatencyDispatch({ ...ll, maxTokensPerRank: 4 }), "x", "6 tokens", "maxTokensPerRank = 4"));
-  test("maxTokensPerRank over the buffer's", () => expectArgError(() => b.lowLatencyDispatch({ ...ll, maxTokensPerRank: 9 }), "maxTokensPerRank", "[1, 8]", "got 9"));
+    withLowLatency(H, 4, (buf) => expectArgError(() => buf.lowLatencyDispatch({ ...ll, maxTokensPerRank: 4 }), "x", "6 tokens", "maxTokensPerRank = 4")));
+  test("maxTokensPerRank differs from the buffer's", () =>
+    expectArgError(() => b.lowLatencyDispatch({ ...ll, maxTokensPerRank: 9 }), "maxTokensPerRank", "lowLatency.maxTokensPerRank = 8", "got 9"));
+  test("hidden differs from the buffer's", () =>
+    expectArgError(() => b.lowLatencyDispatch({ ...ll, x: new HostTensor("bf16", [T, 256]) }), "x", "lowLatency.hidden = 128", "got bf16 [6, 256]"));
   test("numExperts differs from the buffer's", () => expectArgError(() => b.lowLatencyDispatch({ ...ll, numExperts: 4 }), "numExperts", "lowLatency.numExperts = 8", "got 4"));
   test("x dtype", () => expectArgError(() => b.lowLatencyDispatch({ ...ll, x: new HostTensor("fp8_e4m3", [T, H]) }), "x", "bf16 [numTokens, hidden]", "got fp8_e4m3 [6, 128]"));
   test("fp8 hidden not a multiple of 128", () =>
-    expectArgError(() => b.lowLatencyDispatch({ ...ll, x: new HostTensor("bf16", [T, 192]), useFp8: true }), "x", "multiple of 128", "192"));
+    withLowLatency(192, M, (buf) => expectArgError(() => buf.lowLatencyDispatch({ ...ll, x: new HostTensor("bf16", [T, 192]), useFp8: true }), "x", "multiple of 128", "192")));
   test("ue8m0 hidden not a multiple of 512", () =>
-    expectArgError(() => b.lowLatencyDispatch({ ...ll, x: new HostTensor("bf16", [T, 256]), useFp8: true, useUe8m0: true }), "x", "multiple of 512", "256"));
+    withLowLatency(256, M, (buf) =>
+      expectArgError(() => buf.lowLatencyDispatch({ ...ll, x: new HostTensor("bf16", [T, 256]), useFp8: true, useUe8m0: true }), "x", "multiple of 512", "256"),
+    ));
   test("roundScale without fp8", () => expectArgError(() => b.lowLatencyDispatch({ ...ll, roundScale: true }), "roundScale", "fp8 only"));
   test("useUe8m0 without fp8", () => expectArgError(() => b.lowLatencyDispatch({ ...ll, useUe8m0: true }), "useUe8m0", "fp8 only"));
   test("topkIdx range", () => {
@@ -217,7 +228,7 @@ describe("lowLatencyDispatch", () => {
 
 describe("lowLatencyCombine", () => {
   const slots = R * M;
-  const args = () => ({ x: new HostTensor("bf16", [E / R, slots, 512]), topkIdx, topkWeights, handle: llHandle });
+  const args = () => ({ x: new HostTensor("bf16", [E / R, slots, H]), topkIdx, topkWeights, handle: llHandle });
   test("x shape", () =>
     expectArgError(
       () => b.lowLatencyCombine({ ...args(), x: new HostTensor("bf16", [E / R, slots, 256]) }),
