@@ -218,23 +218,28 @@ interface Job {
   cached: boolean;
 }
 
-function planCompile(sources: readonly string[], compileFlags: readonly string[], nvccVersion: string): Job[] {
+function planCompile(
+  objectDir: string,
+  sources: readonly string[],
+  compileFlags: readonly string[],
+  nvccVersion: string,
+): Job[] {
   // A change to any header under cuda/ rebuilds every file: cheaper to be sure than to track includes.
   const headers = filesUnder(CUDA_DIR, (n) => /\.(h|cuh|hpp)$/.test(n));
   const headerParts = headers.flatMap((h) => [relative(CUDA_DIR, h), readFileSync(h)]);
   return sources.map((source) => {
     const stem = basename(source, ".cu");
     const hash = hashOf([readFileSync(source), ...headerParts, compileFlags.join(" "), nvccVersion]);
-    const object = join(OBJECT_DIR, `${stem}-${hash}.o`);
+    const object = join(objectDir, `${stem}-${hash}.o`);
     return { source, object, cached: existsSync(object) };
   });
 }
 
 // Objects of older contents, other flags, or deleted sources.
-function pruneStaleObjects(jobs: readonly Job[]): void {
+function pruneStaleObjects(objectDir: string, jobs: readonly Job[]): void {
   const keep = new Set(jobs.map((j) => basename(j.object)));
-  for (const name of readdirSync(OBJECT_DIR)) {
-    if (/-[0-9a-f]{16}\.o$/.test(name) && !keep.has(name)) rmSync(join(OBJECT_DIR, name), { force: true });
+  for (const name of readdirSync(objectDir)) {
+    if (/-[0-9a-f]{16}\.o$/.test(name) && !keep.has(name)) rmSync(join(objectDir, name), { force: true });
   }
 }
 
@@ -313,15 +318,17 @@ async function link(
     `-Wl,-rpath,${cuda.libDir}`,
   ];
   const linkHash = hashOf([...objects, deviceLinkArgs.join(" "), hostLinkArgs("", "").join(" ")]);
-  const stampPath = join(OBJECT_DIR, "link.hash");
+  const stampPath = `${LIBRARY_PATH}.hash`;
   if (existsSync(LIBRARY_PATH) && existsSync(stampPath) && readFileSync(stampPath, "utf8") === linkHash) {
     return { relinked: false };
   }
-  const dlinkObject = join(OBJECT_DIR, "device_link.o");
+  // Per process: two builds at once (e.g. with and without NVSHMEM) must not share a temporary.
+  const dlinkObject = join(OBJECT_DIR, `device_link-${process.pid}.o`);
   const tmpLibrary = `${LIBRARY_PATH}.tmp-${process.pid}`;
   try {
     await run(cuda.nvcc, [...deviceLinkArgs, "-o", dlinkObject], options.verbose);
   } catch (err) {
+    rmSync(dlinkObject, { force: true });
     throw new BuildError(`device link failed:\n${describeFailure(err)}`);
   }
   const cxx = process.env.CXX || "g++";
@@ -330,10 +337,12 @@ async function link(
     await run(cxx, hostLinkArgs(dlinkObject, tmpLibrary), options.verbose);
   } catch (err) {
     rmSync(tmpLibrary, { force: true });
+    rmSync(dlinkObject, { force: true });
     throw new BuildError(`host link failed:\n${describeFailure(err)}`);
   }
   // Replace atomically: a process that has the old library loaded keeps its mapping.
   renameSync(tmpLibrary, LIBRARY_PATH);
+  rmSync(dlinkObject, { force: true });
   writeFileSync(stampPath, linkHash);
   return { relinked: true };
 }
@@ -397,10 +406,13 @@ async function main(): Promise<void> {
     ...(nvshmem ? [`-I${join(nvshmem.dir, "include")}`] : []),
     `-DBUN_EP_WITH_NVSHMEM=${nvshmem ? 1 : 0}`,
   ];
-  mkdirSync(OBJECT_DIR, { recursive: true });
-  const jobs = planCompile(sources, compileFlags, cuda.version);
+  // One object folder per configuration (flags, compiler): switching between configurations (say
+  // with and without NVSHMEM) reuses each one's objects instead of rebuilding.
+  const objectDir = join(OBJECT_DIR, hashOf([compileFlags.join(" "), cuda.version]));
+  mkdirSync(objectDir, { recursive: true });
+  const jobs = planCompile(objectDir, sources, compileFlags, cuda.version);
   await compileAll(jobs, cuda, compileFlags, options);
-  pruneStaleObjects(jobs);
+  pruneStaleObjects(objectDir, jobs);
   const { relinked } = await link(jobs, cuda, nvshmem, options);
   const sizeMiB = (statSync(LIBRARY_PATH).size / 2 ** 20).toFixed(1);
   console.log(
