@@ -36,6 +36,8 @@ export interface LaunchOptions {
   onMessage?: (message: string) => void;
   /** Forward SIGINT and SIGTERM received by this process to the ranks. Default false (true in the CLI). */
   forwardSignals?: boolean;
+  /** Stops every rank (SIGTERM, then SIGKILL after the grace period) when aborted; the launch fails. */
+  signal?: AbortSignal;
 }
 
 /** How one rank ended. */
@@ -53,7 +55,7 @@ export interface RankExit {
 /** The outcome of a launch. */
 export interface LaunchResult {
   /** 0 only when every rank exited 0; else the failed rank's code (128 + signal for a signal),
-   *  130/143 when interrupted by SIGINT/SIGTERM, 124 on the time limit. */
+   *  130/143 when interrupted by SIGINT/SIGTERM, 124 on the time limit, 1 when aborted. */
   exitCode: number;
   /** The rank whose failure stopped the others, or null. */
   failedRank: number | null;
@@ -227,6 +229,10 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
       ? setTimeout(() => stopAll(`timed out after ${options.timeoutS} s`, 124, null), options.timeoutS * 1000)
       : null;
 
+  const onAbort = () => stopAll("aborted", 1, null);
+  if (options.signal?.aborted) onAbort();
+  options.signal?.addEventListener("abort", onAbort);
+
   try {
     await Promise.all(exited);
     await Promise.all(pumps);
@@ -234,6 +240,7 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     if (timeLimit) clearTimeout(timeLimit);
     if (killTimer) clearTimeout(killTimer);
     for (const [signal, handler] of signalHandlers) process.off(signal, handler);
+    options.signal?.removeEventListener("abort", onAbort);
   }
 
   const ranks = exits.filter((exit): exit is RankExit => exit !== undefined);
