@@ -213,8 +213,8 @@ static bunEpResult_t require_device(int32_t device, const char* what) {
 bunEpResult_t bun_ep_set_device(int32_t device) {
   cudaError_t err = cudaSetDevice(device);
   if (err == cudaErrorInvalidDevice) {
-    (void)cudaGetLastError();
-    return require_device(device, "bun_ep_set_device");
+    // Prefer the message that names the valid range.
+    BUN_EP_TRY(require_device(device, "bun_ep_set_device"));
   }
   if (err != cudaSuccess) return cuda_error(err, "cudaSetDevice", __FILE__, __LINE__);
   return bunEpSuccess;
