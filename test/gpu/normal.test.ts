@@ -108,14 +108,14 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
       const calls = buffers.slice(0, 2).map((b) => {
         const topkIdx = b.fromHost(randomRouting(rng, 32, 24, 4));
         const x = b.fromHost(new HostTensor("bf16", [32, 256]));
-        return b.dispatch({ x, topkIdx, config: { ...b.getDispatchConfig(), numSMs: 2 } });
+        return b.dispatch({ x, topkIdx, numExperts: 24, config: { ...b.getDispatchConfig(), numSMs: 2 } });
       });
       const outcomes = await Promise.allSettled(calls);
       for (const o of outcomes) {
         expect(o.status).toBe("rejected");
         expect(String((o as PromiseRejectedResult).reason)).toContain("rank 2");
       }
-      await expect(buffers[0]!.dispatch({ x: buffers[0]!.fromHost(new HostTensor("bf16", [1, 256])), topkIdx: buffers[0]!.fromHost(randomRouting(rng, 1, 24, 4)) })).rejects.toThrow(/unusable/);
+      await expect(buffers[0]!.dispatch({ x: buffers[0]!.fromHost(new HostTensor("bf16", [1, 256])), topkIdx: buffers[0]!.fromHost(randomRouting(rng, 1, 24, 4)), numExperts: 24 })).rejects.toThrow(/unusable/);
     } finally {
       // The buffers of a timed-out group cannot meet again; close without the collective barrier.
       await Promise.race([closeAll(buffers), Bun.sleep(3000)]);
