@@ -212,15 +212,15 @@ class RankEndpoint {
       const timer = setTimeout(() => this.timeOut(seq, call), this.timeoutMs);
       slot.waiter = { kind, root, resolve, reject, timer };
       if (this.waiting++ === 0) this.setBusy(true);
-      if (!this.sameCall(seq, slot, this.rank, kind, root)) return;
       try {
+        // Sent even when it mismatches what already arrived, so that the hub tells every rank.
         this.contribute(seq, kind, root, sends ? bytes.slice() : EMPTY);
       } catch (error) {
         if (error instanceof GroupError) this.fail(error.message, error.code, error.ranks);
         else this.fail(String(error), "protocol");
         return;
       }
-      this.settleIfComplete(seq, slot);
+      if (this.sameCall(seq, slot, this.rank, kind, root)) this.settleIfComplete(seq, slot);
     });
   }
 
@@ -336,7 +336,8 @@ class RankEndpoint {
   private rejectOne(seq: number, error: GroupError): void {
     const slot = this.slots.get(seq);
     const waiter = slot?.waiter;
-    if (!waiter) return;
+    if (!slot || !waiter) return;
+    slot.waiter = undefined;
     this.slots.delete(seq);
     clearTimeout(waiter.timer);
     if (--this.waiting === 0) this.setBusy(false);
@@ -355,6 +356,7 @@ class RankEndpoint {
   private settleIfComplete(seq: number, slot: Slot): void {
     const waiter = slot.waiter;
     if (!waiter || slot.arrived < this.size) return;
+    slot.waiter = undefined;
     this.slots.delete(seq);
     clearTimeout(waiter.timer);
     if (--this.waiting === 0) this.setBusy(false);

@@ -401,6 +401,19 @@ describe("LocalGroup", () => {
     expect((await pending).message).toBe("broadcast #1 (root 0) failed: rank 1 closed the group");
   });
 
+  test("ranks calling different collectives (or roots) all fail with a mismatch error", async () => {
+    const groups = LocalGroup.create(3);
+    const errors = await Promise.all([
+      expectRejects(groups[0]!.broadcast(new Uint8Array([1]), 0)),
+      expectRejects(groups[1]!.broadcast(new Uint8Array([1]), 0)),
+      expectRejects(groups[2]!.broadcast(new Uint8Array([1]), 2)),
+    ]);
+    for (const error of errors) {
+      expect(error.code).toBe("mismatch");
+      expect(error.message).toMatch(/collective mismatch: rank \d called broadcast #1 \(root \d\) but rank \d called broadcast #1 \(root \d\)/);
+    }
+  });
+
   test("options are checked", () => {
     expect(() => LocalGroup.create(0)).toThrow("LocalGroup.create: size must be a positive integer, got 0");
     expect(() => LocalGroup.create(4, { ranksPerNode: 3 })).toThrow("size 4 is not a multiple of ranksPerNode 3");
