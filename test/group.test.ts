@@ -195,6 +195,16 @@ describe("TcpGroup in one process", () => {
     expect(groups[0]!.allGather("text" as unknown as Uint8Array)).rejects.toThrow("allGather: bytes must be a Uint8Array, got string text");
   });
 
+  test("rank 0 on a port in use: the error says so and names MASTER_PORT", async () => {
+    const squatter = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    const error = await expectRejects(connectAll(2, squatter.port, [0])[0]!);
+    expect(error.code).toBe("listen");
+    expect(error.message).toBe(
+      `rank 0 could not open the group's store on 127.0.0.1:${squatter.port}: address already in use (choose another MASTER_PORT)`,
+    );
+    squatter.stop(true);
+  });
+
   test("an unreachable store: the connect error names the address after retrying", async () => {
     const port = findFreePort();
     const error = await expectRejects(connectAll(2, port, [1], { timeoutMs: 400 })[0]!);
