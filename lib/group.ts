@@ -909,7 +909,7 @@ class Store {
   private accept(socket: Socket<ServerConnection>): void {
     const connection: ServerConnection = {
       rank: null,
-      peer: `${socket.remoteAddress}:${(socket as unknown as { remotePort?: number }).remotePort ?? "?"}`,
+      peer: `${socket.remoteAddress}:${socket.remotePort}`,
       decoder: new FrameDecoder(this.options.maxFrameBytes),
       writer: new SocketWriter(socket as Socket<unknown>, (backlogged) =>
         backlogged ? socket.ref() : socket.unref(),
