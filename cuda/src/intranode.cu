@@ -19,6 +19,9 @@ namespace bun_ep {
 namespace normal {
 namespace {
 
+// Tell bun_ep_features() that this library has the intranode normal kernels.
+FeatureRegistration registered_feature(BUN_EP_FEATURE_INTRANODE);
+
 constexpr int kNotifyThreads = 1024;
 constexpr int kDefaultThreads = 512;
 constexpr unsigned kFullMask = 0xffffffffu;

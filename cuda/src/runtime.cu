@@ -51,6 +51,7 @@ int sm_count_of(int device) {
   if (cached[device] == 0) {
     int count = 0;
     if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) cached[device] = count;
+    else (void)cudaGetLastError();
   }
   return cached[device];
 }
@@ -213,7 +214,9 @@ static bunEpResult_t require_device(int32_t device, const char* what) {
 bunEpResult_t bun_ep_set_device(int32_t device) {
   cudaError_t err = cudaSetDevice(device);
   if (err == cudaErrorInvalidDevice) {
-    // Prefer the message that names the valid range.
+    // Prefer the message that names the valid range; clear the non-sticky error first so the
+    // next launch check does not report it again.
+    (void)cudaGetLastError();
     BUN_EP_TRY(require_device(device, "bun_ep_set_device"));
   }
   if (err != cudaSuccess) return cuda_error(err, "cudaSetDevice", __FILE__, __LINE__);

@@ -52,7 +52,7 @@ describeGpu("runtime on the GPU", () => {
     const props = deviceProps(DEVICE);
     console.log(
       `device ${DEVICE}: ${props.name}, ${props.multiProcessorCount} SMs, sm_${props.computeCapability.join("")}, ` +
-        `${(props.totalMemoryBytes / 2 ** 30).toFixed(1)} GiB, features ${JSON.stringify(features())}`,
+        `${(props.totalMemoryBytes / 2 ** 30).toFixed(1)} GiB, features ${JSON.stringify(features(), (_k, v) => (typeof v === "bigint" ? v.toString(16) : v))}`,
     );
     expect(props.name.length).toBeGreaterThan(0);
     expect(props.multiProcessorCount).toBeGreaterThan(0);
