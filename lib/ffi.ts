@@ -7,12 +7,14 @@ import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { lowLatencySymbols } from "./native/low_latency.ts";
 import { normalSymbols } from "./native/normal.ts";
+import { nvshmemSymbols } from "./native/nvshmem.ts";
+import { internodeSymbols } from "./native/internode.ts";
 import { runtimeSymbols } from "./native/runtime.ts";
 
 /** Must equal BUN_EP_ABI_VERSION in cuda/include/bun_ep.h. */
 export const ABI_VERSION = 1;
 
-const allSymbols = { ...runtimeSymbols, ...normalSymbols, ...lowLatencySymbols };
+const allSymbols = { ...runtimeSymbols, ...normalSymbols, ...lowLatencySymbols, ...nvshmemSymbols, ...internodeSymbols };
 
 type RawSymbols = Library<typeof allSymbols>["symbols"];
 /** bun:ffi types "ptr" arguments as its branded Pointer; at run time a plain number (a device or

@@ -64,6 +64,8 @@ typedef enum {
 /* ---- expert-parallel kernels (one header per transport concern) ----------------------------- */
 #include "bun_ep_normal.h"
 #include "bun_ep_low_latency.h"
+#include "bun_ep_nvshmem.h"
+#include "bun_ep_internode.h"
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,4 @@
+/* Part of bun_ep.h (included inside its extern "C" block); see the rules there. */
+#ifndef BUN_EP_INTERNODE_H
+#define BUN_EP_INTERNODE_H
+#endif
