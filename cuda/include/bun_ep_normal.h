@@ -12,6 +12,19 @@
  * the receiver's staging area (no ring, no per-token flow control), flag each channel done, and the
  * receiver copies its rows out into fresh tensors channel by channel as they complete.
  *
+ * Two ways a row can land (each rank picks for itself, per call, and publishes its choice in its
+ * control region before it signals "started seq", so peers adapt):
+ *  - dispatch, "direct": the receive tensors lie in the receiver's own registered buffer (an arena
+ *    after the staging area, managed by lib/backend/cuda.ts), so senders store straight into the
+ *    final rows and there is no copy-out (2 HBM passes per received byte instead of 4); "staged"
+ *    (the fallback when the arena is full): senders store into the staging area, the receiver copies
+ *    out into the receive tensors.
+ *  - combine, "pull": the combine input x (and topkWeights) of a rank lie in its registered buffer
+ *    (e.g. x IS a dispatch output); the home rank reads those rows straight from the peer and
+ *    reduces, then tells the peer it is done reading; "push" (else): the peer stores its rows into
+ *    the home rank's staging area and the home rank reduces from there.
+ * `bufferBytes` below is the end of the staging area; the arena after it is not the kernels' business.
+ *
  * Every call carries `seq`, a per-buffer call counter that all ranks advance identically; flags hold
  * the seq of the call that wrote them (monotonic, never reset). Every wait is bounded by timeoutNs;
  * a timeout (or bad input found on the device) is written to the rank's error record in mapped pinned
@@ -58,7 +71,7 @@ typedef struct {
   int64_t rank;
   int64_t numRanks;
   void* peerBuffers[BUN_EP_NORMAL_MAX_RANKS]; /* registered buffer of each rank, as this rank sees it */
-  int64_t bufferBytes;                        /* bytes of each registered buffer (same on every rank) */
+  int64_t bufferBytes;                        /* end of control + staging area (same on every rank) */
   int32_t* hostRecord;                        /* device pointer of this rank's mapped pinned record */
   int32_t* workspace;                         /* BUN_EP_NORMAL_WORKSPACE_BYTES of device memory, zeroed */
   int64_t timeoutNs;
@@ -121,6 +134,8 @@ typedef struct {
   int64_t numChannels;          /* grid size: one block per channel; must equal the handle's */
   int64_t recvRows;             /* rows of the receive tensors (numRecvTokens or numWorstTokens) */
   int64_t threadsPerBlock;      /* 0 = default */
+  int64_t recvDirect;           /* 1: every non-NULL receive tensor lies in this rank's registered buffer
+                                   (peerBuffers[rank]); senders write there, no staging, no copy-out */
 } bunEpDispatchArgs_t;
 
 typedef struct {
@@ -137,6 +152,8 @@ typedef struct {
   int64_t topk;
   int64_t numBlocks;            /* grid size (SMs) */
   int64_t threadsPerBlock;      /* 0 = default */
+  int64_t xDirect;              /* 1: x (and topkWeights when given) lie in this rank's registered buffer;
+                                   home ranks pull the rows from there (no push into their staging) */
 } bunEpCombineArgs_t;
 
 /* Fixed numbers of this build: out[0] control bytes, out[1] host record bytes, out[2] workspace bytes,

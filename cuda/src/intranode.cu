@@ -225,13 +225,31 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(bunEpNotifyArgs_
 }
 
 // ---- shared pieces of dispatch and combine ---------------------------------------------------------
-// Block-wide: publish "started seq" (block 0) and wait until every peer has started it too.
+__device__ __forceinline__ void copy_layout(PublishedLayout& to, const PublishedLayout* from) {
+  const volatile int64_t* src = reinterpret_cast<const volatile int64_t*>(from);
+  int64_t* dst = reinterpret_cast<int64_t*>(&to);
+#pragma unroll
+  for (int i = 0; i < int(sizeof(PublishedLayout) / 8); ++i) dst[i] = src[i];
+}
+
+// Block-wide: block 0 publishes this rank's layout for call seq, then "started seq"; every block
+// waits (bounded) until every peer has started seq too and copies the peers' layouts into `peers`
+// (shared memory). A peer that started call seq has finished every earlier call, so nothing it still
+// reads is overwritten, and its layout stays put until this rank has signalled it (see the header).
 // Returns false (in every thread) when the buffer aborted.
-__device__ __forceinline__ bool start_call(const bunEpNormalComm_t& comm, int step) {
+__device__ __forceinline__ bool start_call(const bunEpNormalComm_t& comm, int step, const PublishedLayout& mine,
+                                           PublishedLayout* peers) {
   __shared__ int proceed;
   const int seq = static_cast<int>(comm.seq);
-  if (blockIdx.x == 0 && threadIdx.x == 0) st_release_sys(ready_flag(buffer_at(comm, comm.rank)), seq);
-  if (threadIdx.x < comm.numRanks) wait_flag(ready_flag(buffer_at(comm, threadIdx.x)), seq, comm, threadIdx.x, step);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    *published_layout(buffer_at(comm, comm.rank)) = mine;  // ordered before the flag by the release
+    st_release_sys(ready_flag(buffer_at(comm, comm.rank)), seq);
+  }
+  if (threadIdx.x < comm.numRanks) {
+    const int peer = threadIdx.x;
+    if (wait_flag(ready_flag(buffer_at(comm, peer)), seq, comm, peer, step))
+      copy_layout(peers[peer], published_layout(buffer_at(comm, peer)));
+  }
   __syncthreads();
   if (threadIdx.x == 0) proceed = !aborted(comm.workspace);
   __syncthreads();
@@ -246,6 +264,21 @@ __device__ __forceinline__ void signal_peers(const bunEpNormalComm_t& comm, Flag
     __threadfence_system();
     st_release_sys(flagOf(static_cast<int>(threadIdx.x)), static_cast<int>(comm.seq));
   }
+}
+
+// Block-wide: wait for flagOf(rank, block) >= seq for every rank and every block of the grid.
+// Returns false (in every thread) when some wait gave up.
+template <typename FlagOf>
+__device__ __forceinline__ bool wait_all_blocks(const bunEpNormalComm_t& comm, int numRanks, int numBlocks, int step,
+                                                FlagOf flagOf) {
+  __shared__ int allArrived;
+  if (threadIdx.x == 0) allArrived = 1;
+  __syncthreads();
+  for (int i = threadIdx.x; i < numRanks * numBlocks; i += blockDim.x)
+    if (!wait_flag(flagOf(i / numBlocks, i % numBlocks), static_cast<int>(comm.seq), comm, i / numBlocks, step))
+      allArrived = 0;
+  __syncthreads();
+  return allArrived != 0;
 }
 
 // Copy one row of `numVectors` int4 from src to every destination in dsts[0..kRanks) that is not
@@ -271,10 +304,16 @@ __device__ __forceinline__ void copy_row_to_many(const int4* src, int4* const (&
   }
 }
 
+template <typename T>
+__device__ __forceinline__ T* field_row(char* buffer, int64_t offset, int64_t rowBytes, int64_t row) {
+  return offset < 0 ? nullptr : reinterpret_cast<T*>(buffer + offset + row * rowBytes);
+}
+
 // ---- dispatch: one block per channel --------------------------------------------------------------
 template <int kRanks>
-__global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatchArgs_t a, StagingLayout st) {
+__global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatchArgs_t a, PublishedLayout mine) {
   __shared__ int sendRowBase[kMaxRanks];
+  __shared__ PublishedLayout peers[kMaxRanks];
   __shared__ int sourceArrived;
   const bunEpNormalComm_t& comm = a.comm;
   const int me = static_cast<int>(comm.rank);
@@ -285,15 +324,17 @@ __global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatch
   const int* homeSlot = a.handle + kInfoInts;
   const int numExperts = static_cast<int>(a.numExperts);
   const int localExperts = numExperts / kRanks;
-  const int64_t vectorsPerRow = st.xBytes / 16;
-  const int scalesPerRow = static_cast<int>(st.scaleBytes / 4);
+  const int64_t xBytes = a.hidden * a.elementBytes;
+  const int64_t vectorsPerRow = xBytes / 16;
+  const int scalesPerRow = a.xScales != nullptr ? static_cast<int>(a.hidden / 128) : 0;
   const int topk = static_cast<int>(a.topk);
   char* myBuffer = buffer_at(comm, me);
 
   if (threadIdx.x < kRanks) sendRowBase[threadIdx.x] = info[kInfoSendRowBase + threadIdx.x];
-  const bool proceed = start_call(comm, BUN_EP_NORMAL_STEP_DISPATCH);
+  const bool proceed = start_call(comm, BUN_EP_NORMAL_STEP_DISPATCH, mine, peers);
 
-  // Send: one warp per token of this channel, straight into each receiver's final row.
+  // Send: one warp per token of this channel, straight into each receiver's final row (its staging
+  // area, or its receive tensors when it published a direct layout).
   if (proceed) {
     const int64_t begin = channel_begin(a.numTokens, channel, numChannels);
     const int64_t end = channel_begin(a.numTokens, channel + 1, numChannels);
@@ -305,23 +346,26 @@ __global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatch
       for (int r = 0; r < kRanks; ++r) {
         const int slot = __shfl_sync(kFullMask, mySlot, r);
         destRow[r] = slot >= 0 ? int64_t(sendRowBase[r]) + slot : -1;
-        if (destRow[r] >= st.rows) {
-          if (lane_id() == 0)
+        if (destRow[r] >= peers[r].rows) {
+          // Staged: the staging area is too small (also checked on the host). Direct: the receiver's
+          // numWorstTokens is too small, which its notify step reports.
+          if (lane_id() == 0 && !peers[r].direct)
             record_error(comm.hostRecord, comm.workspace, BUN_EP_NORMAL_ERR_STAGING, r, int(destRow[r] + 1),
-                         int(st.rows), comm.seq, BUN_EP_NORMAL_STEP_DISPATCH);
+                         int(peers[r].rows), comm.seq, BUN_EP_NORMAL_STEP_DISPATCH);
           destRow[r] = -1;
         }
-        destX[r] = destRow[r] < 0 ? nullptr
-                                  : reinterpret_cast<int4*>(buffer_at(comm, r) + st.xOffset + destRow[r] * st.xBytes);
+        destX[r] = destRow[r] < 0 ? nullptr : field_row<int4>(buffer_at(comm, r), peers[r].xOffset, peers[r].xBytes, destRow[r]);
       }
       copy_row_to_many<4, kRanks, true>(
-          reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + token * st.xBytes), destX, vectorsPerRow);
+          reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + token * xBytes), destX, vectorsPerRow);
       for (int j = lane_id(); j < scalesPerRow; j += 32) {
         const float scale = a.xScales[token * scalesPerRow + j];
 #pragma unroll
-        for (int r = 0; r < kRanks; ++r)
-          if (destRow[r] >= 0)
-            reinterpret_cast<float*>(buffer_at(comm, r) + st.scalesOffset + destRow[r] * st.scaleBytes)[j] = scale;
+        for (int r = 0; r < kRanks; ++r) {
+          float* dst = destRow[r] < 0 ? nullptr
+                                      : field_row<float>(buffer_at(comm, r), peers[r].scalesOffset, peers[r].scaleBytes, destRow[r]);
+          if (dst != nullptr) dst[j] = scale;
+        }
       }
       if (a.topkIdx != nullptr) {
         for (int k = lane_id(); k < topk; k += 32) {
@@ -331,10 +375,10 @@ __global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatch
           for (int r = 0; r < kRanks; ++r) {
             if (destRow[r] < 0) continue;
             const bool local = expert >= 0 && expert < numExperts && expert / localExperts == r;
-            reinterpret_cast<int64_t*>(buffer_at(comm, r) + st.idxOffset + destRow[r] * st.idxBytes)[k] =
-                local ? expert - int64_t(r) * localExperts : -1;
-            reinterpret_cast<float*>(buffer_at(comm, r) + st.weightsOffset + destRow[r] * st.weightBytes)[k] =
-                local ? weight : 0.0f;
+            int64_t* idx = field_row<int64_t>(buffer_at(comm, r), peers[r].idxOffset, peers[r].idxBytes, destRow[r]);
+            float* w = field_row<float>(buffer_at(comm, r), peers[r].weightsOffset, peers[r].weightBytes, destRow[r]);
+            if (idx != nullptr) idx[k] = local ? expert - int64_t(r) * localExperts : -1;
+            if (w != nullptr) w[k] = local ? weight : 0.0f;
           }
         }
       }
@@ -343,29 +387,29 @@ __global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatch
   // An aborted rank signals nothing: its peers then time out naming it instead of using missing rows.
   if (proceed) signal_peers(comm, [&](int peer) { return dispatch_done(buffer_at(comm, peer), me, channel); });
 
-  // Receive: copy out the rows that this channel of each source wrote here, source by source.
+  // Receive: wait for this channel of every source; when staged, copy its rows out of the staging area.
   for (int source = 0; source < kRanks && proceed; ++source) {
     if (threadIdx.x == 0)
       sourceArrived = wait_flag(dispatch_done(myBuffer, source, channel), seq, comm, source, BUN_EP_NORMAL_STEP_DISPATCH);
     __syncthreads();
     if (!sourceArrived) break;
+    if (mine.direct) continue;  // the rows are already in the receive tensors
     const int64_t rowBegin = info[kInfoChannelBegin + source * kMaxChannels + channel];
     const int64_t rowEnd = rowBegin + info[kInfoChannelCount + source * kMaxChannels + channel];
     for (int64_t row = rowBegin + warp_id(); row < rowEnd; row += num_warps()) {
-      if (row >= a.recvRows || row >= st.rows) continue;  // numWorstTokens overflow: reported by notify
-      int4* dst[1] = {reinterpret_cast<int4*>(static_cast<char*>(a.recvX) + row * st.xBytes)};
-      copy_row_to_many<4, 1, false>(reinterpret_cast<const int4*>(myBuffer + st.xOffset + row * st.xBytes), dst,
-                                    vectorsPerRow);
+      if (row >= a.recvRows || row >= mine.rows) continue;  // numWorstTokens overflow: reported by notify
+      int4* dst[1] = {reinterpret_cast<int4*>(static_cast<char*>(a.recvX) + row * xBytes)};
+      copy_row_to_many<4, 1, false>(field_row<const int4>(myBuffer, mine.xOffset, mine.xBytes, row), dst, vectorsPerRow);
       if (a.recvXScales != nullptr) {
-        const float* src = reinterpret_cast<const float*>(myBuffer + st.scalesOffset + row * st.scaleBytes);
+        const float* src = field_row<const float>(myBuffer, mine.scalesOffset, mine.scaleBytes, row);
         for (int j = lane_id(); j < scalesPerRow; j += 32) a.recvXScales[row * scalesPerRow + j] = src[j];
       }
       if (a.recvTopkIdx != nullptr) {
-        const int64_t* src = reinterpret_cast<const int64_t*>(myBuffer + st.idxOffset + row * st.idxBytes);
+        const int64_t* src = field_row<const int64_t>(myBuffer, mine.idxOffset, mine.idxBytes, row);
         for (int k = lane_id(); k < topk; k += 32) a.recvTopkIdx[row * topk + k] = src[k];
       }
       if (a.recvTopkWeights != nullptr) {
-        const float* src = reinterpret_cast<const float*>(myBuffer + st.weightsOffset + row * st.weightBytes);
+        const float* src = field_row<const float>(myBuffer, mine.weightsOffset, mine.weightBytes, row);
         for (int k = lane_id(); k < topk; k += 32) a.recvTopkWeights[row * topk + k] = src[k];
       }
     }
@@ -396,64 +440,70 @@ __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
   return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
 }
 
+// Push the rows this rank received from each home rank (this block's share) into that home's staging.
 template <int kRanks>
-__global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineArgs_t a, StagingLayout st) {
+__device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const StagingLayout& st) {
+  const bunEpNormalComm_t& comm = a.comm;
+  const int me = static_cast<int>(comm.rank);
+  const int* info = a.handle;
+  const int topk = static_cast<int>(a.topk);
+  for (int step = 1; step <= kRanks; ++step) {
+    const int home = (me + step) % kRanks;  // spread the blocks' first writes over the peers
+    const int64_t base = info[kInfoRecvSrcBase + home];
+    const int64_t count = info[kInfoRecvSrcCount + home];
+    const int64_t destBase = info[kInfoCombineDestBase + home];
+    const int64_t begin = count * blockIdx.x / gridDim.x;
+    const int64_t end = count * (blockIdx.x + 1) / gridDim.x;
+    char* homeBuffer = buffer_at(comm, home);
+    for (int64_t j = begin + warp_id(); j < end; j += num_warps()) {
+      const int64_t destRow = destBase + j;
+      if (destRow >= st.rows) {
+        if (lane_id() == 0)
+          record_error(comm.hostRecord, comm.workspace, BUN_EP_NORMAL_ERR_STAGING, home, int(destRow + 1), int(st.rows),
+                       comm.seq, BUN_EP_NORMAL_STEP_COMBINE);
+        continue;
+      }
+      int4* dst[1] = {reinterpret_cast<int4*>(homeBuffer + st.xOffset + destRow * st.xBytes)};
+      copy_row_to_many<4, 1, true>(reinterpret_cast<const int4*>(a.x + (base + j) * a.hidden), dst, st.xBytes / 16);
+      if (a.topkWeights != nullptr) {
+        float* w = reinterpret_cast<float*>(homeBuffer + st.weightsOffset + destRow * st.weightBytes);
+        for (int k = lane_id(); k < topk; k += 32) w[k] = a.topkWeights[(base + j) * topk + k];
+      }
+    }
+  }
+}
+
+template <int kRanks>
+__global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineArgs_t a, StagingLayout st,
+                                                                  PublishedLayout mine) {
   __shared__ int homeBase[kMaxRanks];
-  __shared__ int allArrived;
+  __shared__ int sendRowBase[kMaxRanks];
+  __shared__ PublishedLayout peers[kMaxRanks];
   const bunEpNormalComm_t& comm = a.comm;
   const int me = static_cast<int>(comm.rank);
   const int block = blockIdx.x;
   const int numBlocks = gridDim.x;
-  const int seq = static_cast<int>(comm.seq);
   const int* info = a.handle;
   const int* homeSlot = a.handle + kInfoInts;
   const int64_t vectorsPerRow = st.xBytes / 16;
   const int topk = static_cast<int>(a.topk);
   char* myBuffer = buffer_at(comm, me);
 
-  if (threadIdx.x < kRanks) homeBase[threadIdx.x] = info[kInfoHomeBlockBase + threadIdx.x];
-  const bool proceed = start_call(comm, BUN_EP_NORMAL_STEP_COMBINE);
-
-  // Send: this block's share of the rows received from each home rank, back to that rank's staging.
-  if (proceed) {
-    for (int step = 1; step <= kRanks; ++step) {
-      const int home = (me + step) % kRanks;  // spread the blocks' first writes over the peers
-      const int64_t base = info[kInfoRecvSrcBase + home];
-      const int64_t count = info[kInfoRecvSrcCount + home];
-      const int64_t destBase = info[kInfoCombineDestBase + home];
-      const int64_t begin = count * block / numBlocks;
-      const int64_t end = count * (block + 1) / numBlocks;
-      char* homeBuffer = buffer_at(comm, home);
-      for (int64_t j = begin + warp_id(); j < end; j += num_warps()) {
-        const int64_t destRow = destBase + j;
-        if (destRow >= st.rows) {
-          if (lane_id() == 0)
-            record_error(comm.hostRecord, comm.workspace, BUN_EP_NORMAL_ERR_STAGING, home, int(destRow + 1),
-                         int(st.rows), comm.seq, BUN_EP_NORMAL_STEP_COMBINE);
-          continue;
-        }
-        int4* dst[1] = {reinterpret_cast<int4*>(homeBuffer + st.xOffset + destRow * st.xBytes)};
-        copy_row_to_many<4, 1, true>(reinterpret_cast<const int4*>(a.x + (base + j) * a.hidden), dst, vectorsPerRow);
-        if (a.topkWeights != nullptr) {
-          float* w = reinterpret_cast<float*>(homeBuffer + st.weightsOffset + destRow * st.weightBytes);
-          for (int k = lane_id(); k < topk; k += 32) w[k] = a.topkWeights[(base + j) * topk + k];
-        }
-      }
-    }
+  if (threadIdx.x < kRanks) {
+    homeBase[threadIdx.x] = info[kInfoHomeBlockBase + threadIdx.x];
+    sendRowBase[threadIdx.x] = info[kInfoSendRowBase + threadIdx.x];
   }
-  if (proceed) signal_peers(comm, [&](int peer) { return combine_done(buffer_at(comm, peer), me, block); });
+  if (!start_call(comm, BUN_EP_NORMAL_STEP_COMBINE, mine, peers)) return;
 
-  // Reduce: wait for every (rank, block) of this call, then sum each home token in rank order.
-  if (threadIdx.x == 0) allArrived = 1;
-  __syncthreads();
-  if (proceed) {
-    for (int i = threadIdx.x; i < kRanks * numBlocks; i += blockDim.x)
-      if (!wait_flag(combine_done(myBuffer, i / numBlocks, i % numBlocks), seq, comm, i / numBlocks,
-                     BUN_EP_NORMAL_STEP_COMBINE))
-        allArrived = 0;
-  }
-  __syncthreads();
-  if (!proceed || !allArrived) return;
+  // Push (unless this rank lets the home ranks pull), then tell every home this block is done.
+  if (!mine.direct) combine_push<kRanks>(a, st);
+  signal_peers(comm, [&](int peer) { return combine_done(buffer_at(comm, peer), me, block); });
+
+  // Reduce: wait for every (rank, block) of this call, then sum each home token in rank order, each
+  // rank's row read from this rank's staging (push) or straight from that rank's buffer (pull).
+  const bool arrived = wait_all_blocks(comm, kRanks, numBlocks, BUN_EP_NORMAL_STEP_COMBINE,
+                                       [&](int rank, int b) { return combine_done(myBuffer, rank, b); });
+  if (!arrived) return;
 
   const int64_t begin = a.numTokens * block / numBlocks;
   const int64_t end = a.numTokens * (block + 1) / numBlocks;
@@ -464,10 +514,19 @@ __global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineAr
 #pragma unroll
     for (int r = 0; r < kRanks; ++r) {
       const int slot = __shfl_sync(kFullMask, mySlot, r);
-      const int64_t row = slot >= 0 ? int64_t(homeBase[r]) + slot : -1;
-      const bool valid = row >= 0 && row < st.rows;
-      rows[r] = valid ? reinterpret_cast<const int4*>(myBuffer + st.xOffset + row * st.xBytes) : nullptr;
-      weightRows[r] = valid ? reinterpret_cast<const float*>(myBuffer + st.weightsOffset + row * st.weightBytes) : nullptr;
+      rows[r] = nullptr;
+      weightRows[r] = nullptr;
+      if (slot < 0) continue;
+      if (peers[r].direct) {
+        const int64_t row = int64_t(sendRowBase[r]) + slot;  // where r received (me, token)
+        rows[r] = field_row<const int4>(buffer_at(comm, r), peers[r].xOffset, peers[r].xBytes, row);
+        weightRows[r] = field_row<const float>(buffer_at(comm, r), peers[r].weightsOffset, peers[r].weightBytes, row);
+      } else {
+        const int64_t row = int64_t(homeBase[r]) + slot;
+        if (row >= st.rows) continue;  // reported by the pusher
+        rows[r] = reinterpret_cast<const int4*>(myBuffer + st.xOffset + row * st.xBytes);
+        weightRows[r] = reinterpret_cast<const float*>(myBuffer + st.weightsOffset + row * st.weightBytes);
+      }
     }
     const int4* bias0 = a.bias0 != nullptr ? reinterpret_cast<const int4*>(a.bias0 + token * a.hidden) : nullptr;
     const int4* bias1 = a.bias1 != nullptr ? reinterpret_cast<const int4*>(a.bias1 + token * a.hidden) : nullptr;
@@ -497,6 +556,13 @@ __global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineAr
       }
     }
   }
+
+  // Tell every rank this block has finished reading its rows; a rank whose rows were pulled must
+  // not finish (and let its x be overwritten or freed) before every home block has read them.
+  signal_peers(comm, [&](int peer) { return combine_read(buffer_at(comm, peer), me, block); });
+  if (mine.direct)
+    wait_all_blocks(comm, kRanks, numBlocks, BUN_EP_NORMAL_STEP_COMBINE,
+                    [&](int home, int b) { return combine_read(myBuffer, home, b); });
 }
 
 // ---- host side -------------------------------------------------------------------------------------
@@ -523,13 +589,6 @@ int threads_of(int64_t requested) {
   return static_cast<int>(rounded < 64 ? 64 : (rounded > kDefaultThreads ? kDefaultThreads : rounded));
 }
 
-StagingLayout dispatch_staging(const bunEpDispatchArgs_t& a) {
-  const bool fp8 = a.elementBytes == 1;
-  const bool routed = a.topkIdx != nullptr;
-  return staging_layout(a.comm.bufferBytes, a.hidden * a.elementBytes, fp8 ? (a.hidden / 128) * 4 : 0,
-                        routed ? a.topk * 8 : 0, routed ? a.topk * 4 : 0);
-}
-
 template <template <int> class Launcher, typename... Args>
 bunEpResult_t launch_for_ranks(int numRanks, Args&&... args) {
   switch (numRanks) {
@@ -545,11 +604,73 @@ bunEpResult_t launch_for_ranks(int numRanks, Args&&... args) {
   }
 }
 
+// The layout this rank publishes for a dispatch: its staging area, or its receive tensors (direct).
+bunEpResult_t dispatch_layout(const bunEpDispatchArgs_t& a, PublishedLayout& out) {
+  const bool fp8 = a.elementBytes == 1;
+  const bool routed = a.topkIdx != nullptr;
+  out = PublishedLayout{};
+  out.xBytes = a.hidden * a.elementBytes;
+  out.scaleBytes = fp8 ? (a.hidden / 128) * 4 : 0;
+  out.idxBytes = routed ? a.topk * 8 : 0;
+  out.weightBytes = routed ? a.topk * 4 : 0;
+  if (!a.recvDirect) {
+    const StagingLayout st = staging_layout(a.comm.bufferBytes, out.xBytes, out.scaleBytes, out.idxBytes, out.weightBytes);
+    out.xOffset = st.xOffset;
+    out.scalesOffset = fp8 ? st.scalesOffset : -1;
+    out.idxOffset = routed ? st.idxOffset : -1;
+    out.weightsOffset = routed ? st.weightsOffset : -1;
+    out.rows = st.rows;
+    out.direct = 0;
+    return bunEpSuccess;
+  }
+  const char* base = static_cast<const char*>(a.comm.peerBuffers[a.comm.rank]);
+  auto offsetOf = [&](const void* p, const char* name, int64_t& offset) -> bunEpResult_t {
+    offset = -1;
+    if (p == nullptr || a.recvRows == 0) return bunEpSuccess;
+    offset = static_cast<const char*>(p) - base;
+    BUN_EP_REQUIRE(offset >= a.comm.bufferBytes && offset % 16 == 0,
+                   "dispatch: recvDirect needs %s inside this rank's registered buffer after the staging area "
+                   "(offset %lld, staging ends at %lld)", name, (long long)offset, (long long)a.comm.bufferBytes);
+    return bunEpSuccess;
+  };
+  BUN_EP_TRY(offsetOf(a.recvX, "recvX", out.xOffset));
+  BUN_EP_TRY(offsetOf(a.recvXScales, "recvXScales", out.scalesOffset));
+  BUN_EP_TRY(offsetOf(a.recvTopkIdx, "recvTopkIdx", out.idxOffset));
+  BUN_EP_TRY(offsetOf(a.recvTopkWeights, "recvTopkWeights", out.weightsOffset));
+  out.rows = a.recvRows;
+  out.direct = 1;
+  return bunEpSuccess;
+}
+
+// The layout this rank publishes for a combine: where home ranks pull its rows from (direct), or
+// nothing (it pushes into their staging areas).
+bunEpResult_t combine_layout(const bunEpCombineArgs_t& a, PublishedLayout& out) {
+  out = PublishedLayout{};
+  out.xOffset = out.scalesOffset = out.idxOffset = out.weightsOffset = -1;
+  out.xBytes = a.hidden * 2;
+  out.weightBytes = a.topkWeights != nullptr ? a.topk * 4 : 0;
+  if (!a.xDirect) return bunEpSuccess;
+  const char* base = static_cast<const char*>(a.comm.peerBuffers[a.comm.rank]);
+  out.xOffset = reinterpret_cast<const char*>(a.x) - base;
+  BUN_EP_REQUIRE(a.x != nullptr && out.xOffset >= a.comm.bufferBytes && out.xOffset % 16 == 0,
+                 "combine: xDirect needs x inside this rank's registered buffer after the staging area (offset %lld)",
+                 (long long)out.xOffset);
+  if (a.topkWeights != nullptr) {
+    out.weightsOffset = reinterpret_cast<const char*>(a.topkWeights) - base;
+    BUN_EP_REQUIRE(out.weightsOffset >= a.comm.bufferBytes,
+                   "combine: xDirect needs topkWeights inside this rank's registered buffer too (offset %lld)",
+                   (long long)out.weightsOffset);
+  }
+  out.rows = INT64_MAX;
+  out.direct = 1;
+  return bunEpSuccess;
+}
+
 template <int kRanks>
 struct DispatchLauncher {
-  static bunEpResult_t run(const bunEpDispatchArgs_t& a, const StagingLayout& st) {
+  static bunEpResult_t run(const bunEpDispatchArgs_t& a, const PublishedLayout& mine) {
     dispatch_kernel<kRanks><<<static_cast<int>(a.numChannels), threads_of(a.threadsPerBlock), 0,
-                              static_cast<cudaStream_t>(a.comm.stream)>>>(a, st);
+                              static_cast<cudaStream_t>(a.comm.stream)>>>(a, mine);
     BUN_EP_LAUNCH_CHECK();
     return bunEpSuccess;
   }
@@ -557,9 +678,9 @@ struct DispatchLauncher {
 
 template <int kRanks>
 struct CombineLauncher {
-  static bunEpResult_t run(const bunEpCombineArgs_t& a, const StagingLayout& st) {
+  static bunEpResult_t run(const bunEpCombineArgs_t& a, const StagingLayout& st, const PublishedLayout& mine) {
     combine_kernel<kRanks><<<static_cast<int>(a.numBlocks), threads_of(a.threadsPerBlock), 0,
-                             static_cast<cudaStream_t>(a.comm.stream)>>>(a, st);
+                             static_cast<cudaStream_t>(a.comm.stream)>>>(a, st, mine);
     BUN_EP_LAUNCH_CHECK();
     return bunEpSuccess;
   }
@@ -637,8 +758,11 @@ extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_dispatch(const bunEpDispatchAr
   BUN_EP_REQUIRE(a.handle != nullptr && (a.numTokens == 0 || a.x != nullptr), "dispatch: handle and x are required");
   BUN_EP_REQUIRE(a.recvRows == 0 || a.recvX != nullptr, "dispatch: recvX is NULL");
   BUN_EP_REQUIRE(a.topk >= 0 && a.topk <= 64, "dispatch: topk must be in [0, 64], got %lld", (long long)a.topk);
-  const StagingLayout st = dispatch_staging(a);
-  return launch_for_ranks<DispatchLauncher>(static_cast<int>(a.comm.numRanks), a, st);
+  BUN_EP_REQUIRE(a.recvDirect == 0 || a.recvDirect == 1, "dispatch: recvDirect must be 0 or 1, got %lld",
+                 (long long)a.recvDirect);
+  PublishedLayout mine;
+  BUN_EP_TRY(dispatch_layout(a, mine));
+  return launch_for_ranks<DispatchLauncher>(static_cast<int>(a.comm.numRanks), a, mine);
 }
 
 extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs_t* args) {
@@ -652,6 +776,9 @@ extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs
   BUN_EP_REQUIRE(a.handle != nullptr, "combine: handle is required");
   BUN_EP_REQUIRE(a.bias1 == nullptr || a.bias0 != nullptr, "combine: bias1 given without bias0");
   BUN_EP_REQUIRE(a.topk >= 0 && a.topk <= 64, "combine: topk must be in [0, 64], got %lld", (long long)a.topk);
+  BUN_EP_REQUIRE(a.xDirect == 0 || a.xDirect == 1, "combine: xDirect must be 0 or 1, got %lld", (long long)a.xDirect);
   const StagingLayout st = staging_layout(a.comm.bufferBytes, a.hidden * 2, 0, 0, a.topkWeights != nullptr ? a.topk * 4 : 0);
-  return launch_for_ranks<CombineLauncher>(static_cast<int>(a.comm.numRanks), a, st);
+  PublishedLayout mine;
+  BUN_EP_TRY(combine_layout(a, mine));
+  return launch_for_ranks<CombineLauncher>(static_cast<int>(a.comm.numRanks), a, st, mine);
 }

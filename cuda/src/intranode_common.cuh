@@ -70,13 +70,30 @@ constexpr int kSlotExperts = 16 + kMaxChannels;
 constexpr int kSlotInts = ((kSlotExperts + kMaxLocalExperts + 31) / 32) * 32;
 
 constexpr int64_t kReadyOffset = 0;                       // int: seq of the call this rank has started
+constexpr int64_t kPublishedOffset = 128;                 // PublishedLayout of the call this rank has started
 constexpr int64_t kSlotsOffset = 256;
 constexpr int64_t kDispatchDoneOffset = 64 * 1024;        // int [source][channel]
 constexpr int64_t kCombineDoneOffset = 96 * 1024;         // int [source][block]
+constexpr int64_t kCombineReadOffset = 128 * 1024;        // int [home][block]: home finished pulling my rows
 static_assert(kSlotsOffset + int64_t(kMaxRanks) * kSlotInts * 4 <= kDispatchDoneOffset, "slots overflow");
 static_assert(kDispatchDoneOffset + int64_t(kMaxRanks) * kMaxChannels * 4 <= kCombineDoneOffset, "done overflow");
-static_assert(kCombineDoneOffset + int64_t(kMaxRanks) * kMaxChannels * 4 <= BUN_EP_NORMAL_CONTROL_BYTES,
+static_assert(kCombineDoneOffset + int64_t(kMaxRanks) * kMaxChannels * 4 <= kCombineReadOffset, "done overflow");
+static_assert(kCombineReadOffset + int64_t(kMaxRanks) * kMaxChannels * 4 <= BUN_EP_NORMAL_CONTROL_BYTES,
               "control overflow");
+
+// Where a rank's rows of the current call are, as byte offsets from the start of its registered
+// buffer (-1: absent), and the row stride of each field. Written by the rank itself before it
+// publishes "started seq"; read by peers after they saw that flag (see start_call in intranode.cu).
+// Dispatch: where senders store the rows this rank receives (staging area, or the receive tensors
+// themselves when direct). Combine: where this rank's combine input rows are when it lets home
+// ranks pull them (direct), else unused (the home's own staging area is used).
+struct PublishedLayout {
+  int64_t xOffset, scalesOffset, idxOffset, weightsOffset;
+  int64_t xBytes, scaleBytes, idxBytes, weightBytes;
+  int64_t rows;    // rows the x field holds (a sender never writes past it)
+  int64_t direct;  // 1: receive tensors (dispatch) / combine input (combine) in place, 0: staging / push
+};
+static_assert(kPublishedOffset + int64_t(sizeof(PublishedLayout)) <= kSlotsOffset, "published layout overflow");
 
 __host__ __device__ __forceinline__ int* ready_flag(void* buffer) {
   return reinterpret_cast<int*>(static_cast<char*>(buffer) + kReadyOffset);
@@ -89,6 +106,12 @@ __host__ __device__ __forceinline__ int* dispatch_done(void* buffer, int source,
 }
 __host__ __device__ __forceinline__ int* combine_done(void* buffer, int source, int block) {
   return reinterpret_cast<int*>(static_cast<char*>(buffer) + kCombineDoneOffset) + source * kMaxChannels + block;
+}
+__host__ __device__ __forceinline__ int* combine_read(void* buffer, int home, int block) {
+  return reinterpret_cast<int*>(static_cast<char*>(buffer) + kCombineReadOffset) + home * kMaxChannels + block;
+}
+__host__ __device__ __forceinline__ PublishedLayout* published_layout(void* buffer) {
+  return reinterpret_cast<PublishedLayout*>(static_cast<char*>(buffer) + kPublishedOffset);
 }
 
 // ---- handle info (ints at the start of the handle allocation) ---------------------------------
