@@ -18,7 +18,8 @@ import type {
   LowLatencyHandle,
 } from "./backend/types.ts";
 import type { Group } from "./group.ts";
-import type { HostTensor, Tensor } from "./tensor.ts";
+import type { Stream } from "./stream.ts";
+import { HostTensor, type Tensor } from "./tensor.ts";
 import {
   checkClosed,
   checkHandle,
@@ -63,6 +64,19 @@ export interface EpBufferOptions {
   timeoutMs?: number;
   /** SMs the normal kernels use when no `config` is passed (even, >= 2). Default 20 (or the tuned table's). */
   numSMs?: number;
+  /**
+   * CUDA: the stream this rank's own compute runs on (DeepEP's "current stream"): every call is
+   * ordered after the work already on it, and it waits for the call's result (unless asyncFinish);
+   * fromHost/toHost use it. Default: a new stream per buffer (closed with it), exposed as
+   * `buffer.stream`. Each rank MUST have its own: when several ranks of one process share one GPU,
+   * a shared stream would queue rank 1's call behind rank 0's kernel, which spins waiting for
+   * rank 1: a deadlock on the GPU. Ignored by the host backend.
+   *
+   * One process driving several ranks issues every rank's call before awaiting any, and prepares
+   * every rank's inputs (fromHost, which synchronizes that rank's stream) before launching the
+   * first rank's call of a collective.
+   */
+  stream?: Stream;
 }
 
 /** Options of `getDispatchLayout`. */
@@ -237,7 +251,7 @@ async function probeCuda(device: number): Promise<{ ok: boolean; reason: string 
   }
 }
 
-const CREATE_KEYS = ["group", "backend", "device", "numNvlBytes", "numRdmaBytes", "lowLatency", "timeoutMs", "numSMs"] as const;
+const CREATE_KEYS = ["group", "backend", "device", "numNvlBytes", "numRdmaBytes", "lowLatency", "timeoutMs", "numSMs", "stream"] as const;
 
 export class EpBuffer {
   /** "cuda" or "host": the backend this buffer runs on. */
@@ -250,11 +264,14 @@ export class EpBuffer {
   /** This buffer's device: "cpu" (host backend) or the CUDA ordinal. Every tensor argument must be on it. */
   readonly device: "cpu" | number;
   readonly lowLatencyConfig: { maxTokensPerRank: number; hidden: number; numExperts: number } | null;
+  /** CUDA: this rank's compute stream (the `stream` option, or one made for this buffer); null on the host backend. */
+  readonly stream: Stream | null;
+  readonly #ownsStream: boolean;
   readonly #backend: Backend;
   #numSMs: number | undefined;
   #closed = false;
 
-  private constructor(backend: Backend, init: BackendInit, reason: string, numSMs: number | undefined) {
+  private constructor(backend: Backend, init: BackendInit, reason: string, numSMs: number | undefined, stream: Stream | null, ownsStream: boolean) {
     this.#backend = backend;
     this.backendKind = backend.kind;
     this.backendReason = reason;
@@ -263,6 +280,8 @@ export class EpBuffer {
     this.device = backend.kind === "host" ? "cpu" : init.device;
     this.lowLatencyConfig = init.lowLatency;
     this.#numSMs = numSMs;
+    this.stream = stream;
+    this.#ownsStream = ownsStream;
   }
 
   /** Creates this rank's buffer (collective: every rank of the group calls it). */
@@ -318,15 +337,32 @@ export class EpBuffer {
       reason = choice === "cuda" ? `requested: ${probe.reason}` : probe.ok ? `auto: ${probe.reason}` : `auto: no CUDA (${firstLine(probe.reason)}); using host`;
     }
     let backend: Backend;
+    let stream: Stream | null = null;
+    let ownsStream = false;
     if (kind === "cuda") {
       // Imported lazily so that the host path never loads the native library.
+      const { Stream: StreamClass } = await import("./stream.ts");
+      if (opts.stream !== undefined) {
+        if (!(opts.stream instanceof StreamClass) || opts.stream.device !== device) {
+          failArgument(ctx, "stream", `stream must be a Stream of device ${device}, got ${opts.stream instanceof StreamClass ? `one of device ${opts.stream.device}` : String(opts.stream)}`);
+        }
+        stream = opts.stream;
+      } else {
+        stream = StreamClass.create({ device });
+        ownsStream = true;
+      }
       const { createCudaBackend } = await import("./backend/cuda.ts");
-      backend = await createCudaBackend(init);
+      try {
+        backend = await createCudaBackend({ ...init, computeStream: stream.handle });
+      } catch (e) {
+        if (ownsStream) stream.close();
+        throw e;
+      }
     } else {
       const { createHostBackend } = await import("./backend/host.ts");
       backend = await createHostBackend(init);
     }
-    return new EpBuffer(backend, init, reason, numSMs);
+    return new EpBuffer(backend, init, reason, numSMs, stream, ownsStream);
   }
 
   /** This rank, 0 <= rank < numRanks. */
@@ -481,13 +517,35 @@ export class EpBuffer {
     return this.#backend.toHost(t);
   }
 
+  /**
+   * Uninitialised tensors for a combine input that peers can read in place: write the expert outputs
+   * (bf16 [rows, hidden]) and, when `topk` > 0, the weights (f32 [rows, topk]) into them, then pass
+   * them to combine(): the home ranks pull the rows directly (CUDA: the tensors lie in this rank's
+   * registered buffer; about half the memory traffic of the default push). A dispatch output used as
+   * combine input gets the same benefit without this call. Falls back to ordinary tensors when the
+   * buffer is full. Free them with free() like any tensor; they become invalid when the buffer closes.
+   */
+  allocCombineInput(rows: number, hidden: number, topk = 0): { x: Tensor; topkWeights: Tensor | null } {
+    const state = this.#state("allocCombineInput");
+    checkInteger(state.ctx, "rows", rows, 0);
+    checkInteger(state.ctx, "hidden", hidden, 1);
+    checkInteger(state.ctx, "topk", topk, 0);
+    const alloc = (dtype: "bf16" | "f32", shape: number[]): Tensor =>
+      this.#backend.allocPeerReadable?.(dtype, shape) ?? this.#backend.fromHost(HostTensor.zeros(dtype, shape));
+    return { x: alloc("bf16", [rows, hidden]), topkWeights: topk > 0 ? alloc("f32", [rows, topk]) : null };
+  }
+
   // ---- lifetime ----
 
   /** Frees the buffers and connections. Later calls throw. Idempotent. */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    await this.#backend.close();
+    try {
+      await this.#backend.close();
+    } finally {
+      if (this.#ownsStream) this.stream?.close();
+    }
   }
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();

@@ -3,6 +3,14 @@
 // record the kernels write for the host (receive counts, errors), and delegates the low-latency
 // calls to the LowLatencyEngine (lib/backend/cuda_ll.ts) when `init.lowLatency` is set.
 //
+// Streams: every call is ordered after the rank's compute stream (init.computeStream, one per rank:
+// ranks of one process on one GPU must not share it) and the compute stream after the call.
+//
+// The registered buffer: [control | staging area | arena]. The arena (class Arena below) holds the
+// receive tensors of dispatch when they fit, so peers store rows straight into them (no staging
+// copy), and combine inputs that home ranks pull from (a dispatch output, or allocPeerReadable).
+// Arena tensors are returned to the arena by free(); they are invalid once the backend is closed.
+//
 // Normal-kernel protocol and buffer layout: cuda/include/bun_ep_normal.h. Every collective call
 // takes the next `seq` (same on every rank because every rank makes the same calls in the same
 // order); the kernels' flags carry it, so nothing is ever reset between calls.
@@ -22,6 +30,7 @@ import {
   Rec,
 } from "../native/normal.ts";
 import { Event, Stream, withDevice } from "../stream.ts";
+import type { DType } from "../dtype.ts";
 import { DeviceTensor, HostTensor, PinnedTensor, type Tensor } from "../tensor.ts";
 import { exchangePeerPointers, PeerBuffer, type PeerPointers } from "./cuda_peers.ts";
 import type {
@@ -51,7 +60,7 @@ interface LowLatencyEngineLike {
   close(): Promise<void>;
 }
 interface LowLatencyModule {
-  LowLatencyEngine: { create(opts: { init: BackendInit; commStream: Stream }): Promise<LowLatencyEngineLike> };
+  LowLatencyEngine: { create(opts: { init: BackendInit; commStream: number }): Promise<LowLatencyEngineLike> };
 }
 
 export async function createCudaBackend(init: BackendInit): Promise<Backend> {
@@ -67,6 +76,15 @@ interface CudaHandleData {
   numExperts: number;
   topk: number;
   xDType: "bf16" | "fp8_e4m3";
+}
+
+/** Receive tensors of one dispatch, and whether they lie in the arena (senders write them directly). */
+interface RecvTensors {
+  recvX: DeviceTensor;
+  recvXScales: DeviceTensor | null;
+  recvTopkIdx: DeviceTensor | null;
+  recvTopkWeights: DeviceTensor | null;
+  direct: boolean;
 }
 
 /** Fields of bunEpNormalComm_t: rank, numRanks, peerBuffers[8], bufferBytes, hostRecord, workspace, timeoutNs, seq, stream. */
@@ -95,6 +113,89 @@ class StructWriter {
 }
 
 const ptrOf = (t: Tensor | null | undefined): number => (t == null ? 0 : (t as DeviceTensor).ptr);
+
+/** Share of the registered buffer after the control region that is staging area; the rest is the arena. */
+const STAGING_SHARE = 0.5;
+const ARENA_ALIGN = 256;
+
+/**
+ * First-fit allocator over the arena part of the registered buffer (byte offsets). A freed block is
+ * reused only after the work that may still use it: free() records an event on the freeing stream,
+ * and the next allocation makes the comm and compute streams wait for it (no host wait). Peers only
+ * write into a block during a call whose kernel this rank's comm stream has started, so that order
+ * covers them too.
+ */
+class Arena {
+  readonly begin: number;
+  readonly end: number;
+  /** Free blocks, sorted by offset, never adjacent (coalesced). */
+  #free: { offset: number; bytes: number }[];
+  #pending: { offset: number; bytes: number; event: Event }[] = [];
+  #warnedFull = false;
+
+  constructor(begin: number, end: number) {
+    this.begin = begin;
+    this.end = end;
+    this.#free = end > begin ? [{ offset: begin, bytes: end - begin }] : [];
+  }
+
+  /** Offset of `bytes` free bytes, or null when they do not fit. `orderAfterFrees` gets the pending frees' events. */
+  alloc(bytes: number, orderAfterFrees: (event: Event) => void): number | null {
+    const size = Math.max(ARENA_ALIGN, Math.ceil(bytes / ARENA_ALIGN) * ARENA_ALIGN);
+    if (this.#pending.length > 0) {
+      for (const p of this.#pending) {
+        orderAfterFrees(p.event);
+        p.event.close();
+        this.#insertFree(p.offset, p.bytes);
+      }
+      this.#pending = [];
+    }
+    const i = this.#free.findIndex((b) => b.bytes >= size);
+    if (i < 0) return null;
+    const block = this.#free[i]!;
+    const offset = block.offset;
+    if (block.bytes === size) this.#free.splice(i, 1);
+    else this.#free[i] = { offset: offset + size, bytes: block.bytes - size };
+    return offset;
+  }
+
+  /** Return a block once the work recorded by `event` is done. */
+  release(offset: number, bytes: number, event: Event): void {
+    const size = Math.max(ARENA_ALIGN, Math.ceil(bytes / ARENA_ALIGN) * ARENA_ALIGN);
+    this.#pending.push({ offset, bytes: size, event });
+  }
+
+  /** True the first time only: the caller warns that outputs are not being freed. */
+  noteFull(): boolean {
+    if (this.#warnedFull) return false;
+    this.#warnedFull = true;
+    return true;
+  }
+
+  close(): void {
+    for (const p of this.#pending) p.event.close();
+    this.#pending = [];
+  }
+
+  #insertFree(offset: number, bytes: number): void {
+    const list = this.#free;
+    let i = 0;
+    while (i < list.length && list[i]!.offset < offset) i++;
+    list.splice(i, 0, { offset, bytes });
+    // Coalesce with the next, then with the previous block.
+    const next = list[i + 1];
+    if (next !== undefined && offset + bytes === next.offset) {
+      list[i] = { offset, bytes: bytes + next.bytes };
+      list.splice(i + 1, 1);
+    }
+    const prev = list[i - 1];
+    const cur = list[i]!;
+    if (prev !== undefined && prev.offset + prev.bytes === cur.offset) {
+      list[i - 1] = { offset: prev.offset, bytes: prev.bytes + cur.bytes };
+      list.splice(i, 1);
+    }
+  }
+}
 
 /** Short synchronous spin, then yield to the event loop between polls. */
 async function pollUntil(done: () => boolean, timeoutMs: number): Promise<boolean> {
@@ -127,13 +228,19 @@ class CudaBackend implements Backend {
   readonly numRanks: number;
   readonly device: number;
   readonly commStream: Stream;
+  /** This rank's compute stream: calls wait for it, it waits for calls; fromHost/toHost use it. */
+  readonly computeStream: Stream;
+  readonly #ownsComputeStream: boolean;
   readonly #init: BackendInit;
+  /** End of control + staging area in the registered buffer (bufferBytes of the kernels). */
+  readonly #stagingEnd: number;
+  readonly #arena: Arena | null;
   readonly #buffer: PeerBuffer | null;
   readonly #peers: PeerPointers | null;
   readonly #record: PinnedTensor<"i32">;
   readonly #workspace: DeviceTensor<"u8">;
   readonly #lowLatency: LowLatencyEngineLike | null;
-  /** Ordering helper: the comm stream waits on the device's default stream when no previousEvent. */
+  /** Ordering helper: the comm stream waits on the compute stream when no previousEvent. */
   readonly #orderEvent: Event;
   #seq = 0;
   #unusable: Error | null = null;
@@ -147,8 +254,15 @@ class CudaBackend implements Backend {
     record: PinnedTensor<"i32">,
     workspace: DeviceTensor<"u8">,
     lowLatency: LowLatencyEngineLike | null,
+    computeStream: Stream,
+    ownsComputeStream: boolean,
   ) {
     this.#init = init;
+    this.computeStream = computeStream;
+    this.#ownsComputeStream = ownsComputeStream;
+    const usable = Math.max(0, init.numNvlBytes - NORMAL_CONTROL_BYTES);
+    this.#stagingEnd = NORMAL_CONTROL_BYTES + Math.floor((usable * STAGING_SHARE) / ARENA_ALIGN) * ARENA_ALIGN;
+    this.#arena = buffer !== null ? new Arena(this.#stagingEnd, buffer.byteLength) : null;
     this.rank = init.group.rank;
     this.numRanks = init.group.size;
     this.device = init.device;
@@ -170,6 +284,8 @@ class CudaBackend implements Backend {
       throw new RangeError(`numNvlBytes: must exceed ${NORMAL_CONTROL_BYTES} (the control region), got ${init.numNvlBytes}`);
     }
     const commStream = Stream.create({ device });
+    const ownsComputeStream = init.computeStream == null;
+    const computeStream = ownsComputeStream ? Stream.create({ device }) : Stream.fromHandle(init.computeStream!, device);
     const record = PinnedTensor.zeros("i32", [NORMAL_HOST_RECORD_BYTES / 4]);
     const workspace = withDevice(device, () => DeviceTensor.zeros("u8", [NORMAL_WORKSPACE_BYTES], { device, stream: commStream }));
     commStream.synchronize();
@@ -190,9 +306,9 @@ class CudaBackend implements Backend {
       } catch (err) {
         throw new BunEpError(Status.NotSupported, "creating the low-latency engine", `lib/backend/cuda_ll.ts could not be loaded: ${(err as Error).message}`);
       }
-      lowLatency = await module.LowLatencyEngine.create({ init, commStream });
+      lowLatency = await module.LowLatencyEngine.create({ init, commStream: commStream.handle });
     }
-    return new CudaBackend(init, commStream, buffer, peers, record, workspace, lowLatency);
+    return new CudaBackend(init, commStream, buffer, peers, record, workspace, lowLatency, computeStream, ownsComputeStream);
   }
 
   get closed(): boolean {
@@ -249,15 +365,15 @@ class CudaBackend implements Backend {
       previousEvent.waitOn(this.commStream.handle);
       return;
     }
-    // No event: order after the device's default stream (where fromHost and user tensors live).
-    this.#orderEvent.record(Stream.forDevice(this.device));
+    // No event: order after this rank's compute stream (where fromHost and the user's work run).
+    this.#orderEvent.record(this.computeStream);
     this.#orderEvent.waitOn(this.commStream);
   }
 
   #finish(asyncFinish: boolean): EventLike | null {
     const event = Event.create({ device: this.device }).record(this.commStream);
     if (asyncFinish) return event;
-    event.waitOn(Stream.forDevice(this.device));
+    event.waitOn(this.computeStream);
     event.close();
     return null;
   }
@@ -271,7 +387,7 @@ class CudaBackend implements Backend {
     const { buffer, peers } = this.#requireNormal("normal kernels");
     w.put(this.rank).put(this.numRanks);
     for (let r = 0; r < NORMAL_MAX_RANKS; ++r) w.put(r < this.numRanks ? (peers.ptrs[r] ?? 0) : 0);
-    w.put(buffer.byteLength)
+    w.put(this.#stagingEnd)
       .put(this.#record.devicePtr)
       .put(this.#workspace.ptr)
       .put(Math.round(this.#init.timeoutMs * 1e6))
@@ -318,8 +434,8 @@ class CudaBackend implements Backend {
   }
 
   #stagingRows(hidden: number, elementBytes: number, fp8: boolean, topk: number): number {
-    const { buffer } = this.#requireNormal("dispatch");
-    return Number(native().bun_ep_normal_staging_rows(buffer.byteLength, hidden, elementBytes, fp8 ? 1 : 0, topk, 1));
+    this.#requireNormal("dispatch");
+    return Number(native().bun_ep_normal_staging_rows(this.#stagingEnd, hidden, elementBytes, fp8 ? 1 : 0, topk, 1));
   }
 
   #freshDispatch(args: DispatchArgs): Promise<DispatchResult> {
@@ -353,11 +469,9 @@ class CudaBackend implements Backend {
     const data: CudaHandleData = { handleMem, recvCountPerExpert, numChannels, numExperts, topk, xDType: fp8 ? "fp8_e4m3" : "bf16" };
 
     const launchData = (numRecvTokens: number | null, numRecvRows: number, perExpert: number[] | null): DispatchResult => {
-      const recvX = this.#empty(x.dtype as "bf16" | "fp8_e4m3", [numRecvRows, hidden]);
-      const recvXScales = fp8 ? this.#empty("f32", [numRecvRows, hidden / 128]) : null;
-      const recvTopkIdx = this.#empty("i64", [numRecvRows, topk]);
-      const recvTopkWeights = args.topkWeights !== null ? this.#empty("f32", [numRecvRows, topk]) : null;
-      this.#launchDispatch(args, data, numRecvRows, { recvX, recvXScales, recvTopkIdx, recvTopkWeights });
+      const out = this.#recvTensors(x.dtype as "bf16" | "fp8_e4m3", numRecvRows, hidden, topk, args.topkWeights !== null);
+      const { recvX, recvXScales, recvTopkIdx, recvTopkWeights } = out;
+      this.#launchDispatch(args, data, numRecvRows, out);
       const handle = this.#makeHandle(data, numTokens, hidden, numRecvTokens, numRecvRows);
       return {
         recvX,
@@ -406,21 +520,52 @@ class CudaBackend implements Backend {
     }
   }
 
-  #launchDispatch(
-    args: DispatchArgs,
-    data: CudaHandleData,
-    recvRows: number,
-    out: { recvX: DeviceTensor; recvXScales: DeviceTensor | null; recvTopkIdx: DeviceTensor | null; recvTopkWeights: DeviceTensor | null },
-  ): void {
+  /**
+   * The receive tensors of one dispatch: in the arena when all of them fit ("direct": senders store
+   * straight into them, no staging copy), else fresh pool tensors filled from the staging area.
+   * `topk` 0: no index/weight tensors (cached dispatch).
+   */
+  #recvTensors(dtype: "bf16" | "fp8_e4m3", rows: number, hidden: number, topk: number, weights: boolean): RecvTensors {
+    const fp8 = dtype === "fp8_e4m3";
+    const shapes: [keyof Omit<RecvTensors, "direct">, DType, number[]][] = [["recvX", dtype, [rows, hidden]]];
+    if (fp8) shapes.push(["recvXScales", "f32", [rows, hidden / 128]]);
+    if (topk > 0) shapes.push(["recvTopkIdx", "i64", [rows, topk]]);
+    if (topk > 0 && weights) shapes.push(["recvTopkWeights", "f32", [rows, topk]]);
+    const out: RecvTensors = { recvX: null as unknown as DeviceTensor, recvXScales: null, recvTopkIdx: null, recvTopkWeights: null, direct: false };
+    if (rows > 0) {
+      const placed: DeviceTensor[] = [];
+      for (const [, type, shape] of shapes) {
+        const t = this.#arenaTensor(type, shape);
+        if (t === null) break;
+        placed.push(t);
+      }
+      if (placed.length === shapes.length) {
+        shapes.forEach(([name], i) => (out[name] = placed[i]!));
+        out.direct = true;
+        return out;
+      }
+      for (const t of placed) t.free(this.commStream);
+      if (this.#arena?.noteFull()) {
+        console.warn(
+          `bun-ep rank ${this.rank}: the receive arena of numNvlBytes = ${this.#init.numNvlBytes} is full; dispatch falls back to ` +
+            "the staged copy (slower). Free dispatch outputs when done, or raise numNvlBytes.",
+        );
+      }
+    }
+    for (const [name, type, shape] of shapes) out[name] = this.#empty(type as "bf16", shape);
+    return out;
+  }
+
+  #launchDispatch(args: DispatchArgs, data: CudaHandleData, recvRows: number, out: RecvTensors): void {
     const x = args.x;
     const fp8 = x.dtype === "fp8_e4m3";
     const seq = ++this.#seq;
-    const w = new StructWriter(COMM_FIELDS + 17);
+    const w = new StructWriter(COMM_FIELDS + 18);
     this.#putComm(w, seq);
     w.put(data.handleMem.ptr).put(ptrOf(x)).put(ptrOf(args.xScales)).put(ptrOf(args.topkIdx)).put(ptrOf(args.topkWeights));
     w.put(out.recvX.ptr).put(ptrOf(out.recvXScales)).put(ptrOf(out.recvTopkIdx)).put(ptrOf(out.recvTopkWeights));
     w.put(x.shape[0]!).put(x.shape[1]!).put(fp8 ? 1 : 2).put(args.topkIdx !== null ? data.topk : 0).put(data.numExperts);
-    w.put(data.numChannels).put(recvRows).put(0);
+    w.put(data.numChannels).put(recvRows).put(0).put(out.direct ? 1 : 0);
     check(native().bun_ep_normal_dispatch(w.done()), `rank ${this.rank}: dispatch`);
   }
 
@@ -433,14 +578,9 @@ class CudaBackend implements Backend {
     if (handle.numRecvRows > stagingRows) {
       throw new RangeError(`numNvlBytes: ${handle.numRecvRows} rows do not fit the staging area (${stagingRows} rows); raise numNvlBytes`);
     }
-    const recvX = this.#empty(x.dtype as "bf16" | "fp8_e4m3", [handle.numRecvRows, hidden]);
-    const recvXScales = fp8 ? this.#empty("f32", [handle.numRecvRows, hidden / 128]) : null;
-    this.#launchDispatch({ ...args, topkIdx: null, topkWeights: null }, data, handle.numRecvRows, {
-      recvX,
-      recvXScales,
-      recvTopkIdx: null,
-      recvTopkWeights: null,
-    });
+    const out = this.#recvTensors(x.dtype as "bf16" | "fp8_e4m3", handle.numRecvRows, hidden, 0, false);
+    const { recvX, recvXScales } = out;
+    this.#launchDispatch({ ...args, topkIdx: null, topkWeights: null }, data, handle.numRecvRows, out);
     return {
       recvX,
       recvXScales,
@@ -484,11 +624,13 @@ class CudaBackend implements Backend {
     this.#waitBefore(args.previousEvent);
     const combinedX = this.#empty("bf16", [numTokens, hidden]);
     const combinedTopkWeights = args.topkWeights !== null ? this.#empty("f32", [numTokens, topk]) : null;
+    // Rows that lie in this rank's arena are pulled by the home ranks (no push into their staging).
+    const xDirect = this.#inArena(args.x) && (args.topkWeights === null || this.#inArena(args.topkWeights));
     const seq = ++this.#seq;
-    const w = new StructWriter(COMM_FIELDS + 12);
+    const w = new StructWriter(COMM_FIELDS + 13);
     this.#putComm(w, seq);
     w.put(data.handleMem.ptr).put(ptrOf(args.x)).put(ptrOf(args.topkWeights)).put(ptrOf(args.biases[0])).put(ptrOf(args.biases[1]));
-    w.put(combinedX.ptr).put(ptrOf(combinedTopkWeights)).put(numTokens).put(hidden).put(topk).put(numBlocks).put(0);
+    w.put(combinedX.ptr).put(ptrOf(combinedTopkWeights)).put(numTokens).put(hidden).put(topk).put(numBlocks).put(0).put(xDirect ? 1 : 0);
     check(native().bun_ep_normal_combine(w.done()), `rank ${this.rank}: combine`);
     return { combinedX, combinedTopkWeights, event: this.#finish(args.asyncFinish) };
   }
@@ -538,7 +680,48 @@ class CudaBackend implements Backend {
   // ---- tensors -----------------------------------------------------------------------------------
 
   fromHost(t: HostTensor): Tensor {
-    return DeviceTensor.fromHost(t, { device: this.device });
+    return DeviceTensor.fromHost(t, { device: this.device, stream: this.computeStream });
+  }
+
+  allocPeerReadable(dtype: "bf16" | "f32", shape: readonly number[]): Tensor {
+    this.#throwIfFailed();
+    return this.#arenaTensor(dtype, shape) ?? DeviceTensor.empty(dtype, shape, { device: this.device, stream: this.computeStream });
+  }
+
+  /**
+   * A tensor in the arena (peers reach it at the same offset of their mapping of this rank's buffer),
+   * or null when it does not fit. Its free() hands the block back, ordered after the freeing stream.
+   */
+  #arenaTensor<D extends DType>(dtype: D, shape: readonly number[]): DeviceTensor<D> | null {
+    const arena = this.#arena;
+    if (arena === null || this.#buffer === null) return null;
+    const probe = DeviceTensor.fromPointer(1, dtype, shape, this.device);
+    const bytes = probe.byteLength;
+    const offset = arena.alloc(bytes, (event) => {
+      event.waitOn(this.commStream);
+      event.waitOn(this.computeStream);
+    });
+    if (offset === null) return null;
+    const tensor = DeviceTensor.fromPointer(this.#buffer.ptr + offset, dtype, shape, this.device, { stream: this.computeStream });
+    let freed = false;
+    // An own property shadows DeviceTensor.free (fromPointer tensors otherwise free nothing).
+    Object.defineProperty(tensor, "free", {
+      value: (stream?: Stream | number): void => {
+        if (freed || this.#closed) return;
+        freed = true;
+        const event = Event.create({ device: this.device }).record(stream ?? this.computeStream);
+        arena.release(offset, bytes, event);
+      },
+    });
+    return tensor;
+  }
+
+  /** Whether `t` lies entirely in this rank's arena (peers can read it in place). */
+  #inArena(t: Tensor | null): boolean {
+    if (t === null || !(t instanceof DeviceTensor) || this.#buffer === null || t.device !== this.device) return false;
+    const begin = this.#buffer.ptr + this.#stagingEnd;
+    const end = this.#buffer.ptr + this.#buffer.byteLength;
+    return t.ptr >= begin && t.ptr + t.byteLength <= end && t.ptr % 16 === 0;
   }
 
   toHost(t: Tensor): HostTensor {
@@ -567,7 +750,9 @@ class CudaBackend implements Backend {
       this.commStream.synchronize();
       this.#record.free();
       this.#orderEvent.close();
+      this.#arena?.close();
       this.commStream.close();
+      if (this.#ownsComputeStream) this.computeStream.close();
     }
   }
 }

@@ -210,6 +210,14 @@ export interface BackendInit {
   lowLatency: { maxTokensPerRank: number; hidden: number; numExperts: number } | null;
   /** Every bounded wait (host and device) gives up after this long, naming the missing rank. */
   timeoutMs: number;
+  /**
+   * CUDA stream handle of this rank's compute ("current") stream: calls are ordered after it and it
+   * after them (unless asyncFinish), and fromHost/toHost run on it. Each rank needs its own: ranks of
+   * one process on one GPU that shared a stream would make each rank's kernel wait behind another's
+   * spinning kernel (see lib/buffer.ts, EpBufferOptions.stream). Null or absent: the CUDA backend
+   * makes its own. Ignored by the host backend.
+   */
+  computeStream?: number | null;
 }
 
 export interface Backend {
@@ -231,5 +239,11 @@ export interface Backend {
   fromHost(t: import("../tensor.ts").HostTensor): Tensor;
   /** Copy any tensor of this backend to the host (synchronous). */
   toHost(t: Tensor): import("../tensor.ts").HostTensor;
+  /**
+   * An uninitialised tensor that peers can read directly (CUDA: in this rank's registered buffer, so
+   * a combine whose x lives there lets home ranks pull the rows instead of having them pushed), or an
+   * ordinary tensor when it does not fit. Absent on backends without such memory.
+   */
+  allocPeerReadable?(dtype: "bf16" | "f32", shape: readonly number[]): Tensor;
   close(): Promise<void>;
 }
