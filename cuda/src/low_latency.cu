@@ -1,4 +1,5 @@
-// Low-latency (decode) dispatch and combine over peer pointers (same process or CUDA IPC).
+// Low-latency (decode) dispatch and combine over peer pointers (same process or CUDA IPC), or
+// over NVSHMEM (the buffer in the symmetric heap; puts for peers without a load/store pointer).
 // C ABI: cuda/include/bun_ep_low_latency.h. Semantics: docs/ARCHITECTURE.md, "Low-latency".
 //
 // Dispatch. Send kernel: every block reads the routing [T, K] into shared memory; per token it
@@ -14,6 +15,12 @@
 // receive area [M][maxTopk] at (source token, first top-k position of that expert); the last block
 // raises a flag per home rank. Receive kernel: waits for the flags, then sums over k in order in f32
 // (no FMA: __fmul_rn/__fadd_rn) and rounds to bf16 once.
+//
+// NVSHMEM transport ("staged"): a row is built once in this rank's own send area, then each
+// destination gets it by a warp copy (peers nvshmem_ptr reaches) or by nvshmemx_putmem_nbi_warp
+// (other hosts, or every peer when forced); counts go by nvshmem_int_p; each block calls
+// nvshmem_quiet before the grid-completion count, and the flags follow (atomic set) after a quiet,
+// so a receiver that sees the flag sees every row and count of the call.
 //
 // Nothing is cleared between calls: flags hold the per-parity call number kept in device memory
 // (each rank counts its own calls; all ranks make the same calls), so stale flags are always
@@ -35,6 +42,11 @@
 #define BUN_EP_WITH_NVSHMEM 0
 #endif
 
+#if BUN_EP_WITH_NVSHMEM
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
+
 namespace bun_ep {
 namespace ll {
 
@@ -53,7 +65,7 @@ constexpr int kBlocksPerSm = 4;
 
 enum Phase : int { kPhaseDispatch = 1, kPhaseCombine = 2 };
 
-constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+__host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 // Byte offsets of everything in one rank's buffer. Identical on every rank (same config), so a
 // sender computes a peer's addresses from the peer's base pointer.
@@ -65,6 +77,7 @@ struct Layout {
   // offsets inside one parity region
   int64_t staging, dispatchCounts, dispatchReady, combineRecv, combineReady;
   int64_t recvX, recvScales, recvCount, srcTokenIdx, layoutRange, slotRoute, combineBuffer, combinedX;
+  int64_t sendRows, sendMeta;  // NVSHMEM transport: this rank's rows [M] and (t, k) int4 [M][maxTopk]
   int64_t parityBytes;
   int64_t state;  // after both parities: State
   int64_t totalBytes;
@@ -113,6 +126,8 @@ Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   l.slotRoute = take(rows * 4);
   l.combineBuffer = take(rows * l.hidden * 2);
   l.combinedX = take((int64_t)l.maxTokens * l.hidden * 2);
+  l.sendRows = take((int64_t)l.maxTokens * l.stagingRowBytes);
+  l.sendMeta = take((int64_t)l.maxTokens * l.maxTopk * 16);
   l.parityBytes = align_up(offset, 256);
   l.state = 2 * l.parityBytes;
   l.totalBytes = align_up(l.state + (int64_t)sizeof(State), 256);
@@ -124,13 +139,15 @@ struct Common {
   Layout layout;
   int rank, numExperts, parity;
   uint64_t timeoutNs;
-  char* const* peers;  // device array [R]: every rank's buffer base as this process sees it
-  char* local;         // this rank's buffer
+  char* const* peers;  // device array [R]: every rank's buffer base as this process sees it; NULL: puts
+  char* local;         // this rank's buffer (NVSHMEM: symmetric, so also the address puts name)
+  bool staged;         // NVSHMEM transport: rows go through the send area, NULL peers get puts
   State* state;
   volatile int* errorWord;  // mapped host memory: [0] set, [1] missing rank, [2] phase
 
   __device__ char* parity_base(char* buffer) const { return buffer + parity * layout.parityBytes; }
   __device__ char* local_region() const { return parity_base(local); }
+  __device__ int64_t parity_offset() const { return parity * layout.parityBytes; }
 };
 
 struct DispatchParams {
@@ -154,6 +171,52 @@ struct CombineParams {
 };
 
 // ---- device helpers --------------------------------------------------------------------------
+
+// NVSHMEM operations of the staged transport. `symmetric` is this rank's address of the object;
+// NVSHMEM writes `pe`'s copy. Without NVSHMEM they are never reached (the host refuses the
+// transport), and trap if they were.
+#if BUN_EP_WITH_NVSHMEM
+__device__ __forceinline__ void put_warp(void* symmetric, const void* src, size_t bytes, int pe) {
+  nvshmemx_putmem_nbi_warp(symmetric, src, bytes, pe);
+}
+__device__ __forceinline__ void put_int(int* symmetric, int value, int pe) { nvshmem_int_p(symmetric, value, pe); }
+__device__ __forceinline__ void put_flag(int* symmetric, int value, int pe) { nvshmem_int_atomic_set(symmetric, value, pe); }
+__device__ __forceinline__ void quiet() { nvshmem_quiet(); }
+#else
+__device__ __forceinline__ void put_warp(void*, const void*, size_t, int) { __trap(); }
+__device__ __forceinline__ void put_int(int*, int, int) { __trap(); }
+__device__ __forceinline__ void put_flag(int*, int, int) { __trap(); }
+__device__ __forceinline__ void quiet() { __trap(); }
+#endif
+
+// Staged transport: every put of this block is complete (delivered) before the block goes on.
+__device__ __forceinline__ void quiet_block(const Common& c) {
+  if (!c.staged) return;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) quiet();
+  __syncthreads();
+}
+
+// An int of `owner`'s buffer at byte `offset`: a plain store (peer pointer) or a put.
+__device__ __forceinline__ void write_peer_int(const Common& c, int owner, int64_t offset, int value) {
+  char* peer = c.peers[owner];
+  if (peer != nullptr) {
+    *reinterpret_cast<int*>(peer + offset) = value;
+  } else {
+    put_int(reinterpret_cast<int*>(c.local + offset), value, owner);
+  }
+}
+
+// A ready flag of `owner`'s buffer at byte `offset`: release store or NVSHMEM atomic set.
+__device__ __forceinline__ void raise_peer_flag(const Common& c, int owner, int64_t offset, int value) {
+  char* peer = c.peers[owner];
+  if (peer != nullptr) {
+    st_release_sys(reinterpret_cast<int*>(peer + offset), value);
+  } else {
+    put_flag(reinterpret_cast<int*>(c.local + offset), value, owner);
+  }
+}
 
 __device__ __forceinline__ void record_timeout(State* state, volatile int* errorWord, int missingRank, int phase) {
   *reinterpret_cast<volatile int*>(&state->failed) = 1;
@@ -223,10 +286,12 @@ __device__ __forceinline__ void unpack_bf16x8(const int4& v, float* out) {
 
 // ---- dispatch: send ----------------------------------------------------------------------------
 
-// Slot position of token t for each of its experts (number of earlier tokens with that expert),
-// and where its row goes (nullptr: no expert, or its owner is dead). Collective over the block.
+// Where token t's row goes, per top-k position: the owner rank (-1: no expert, or its owner is
+// dead) and the row's byte offset in the owner's buffer (its slot: the number of earlier tokens
+// with that expert). s_dest: what the send loops write (peer rows; staged: this rank's send row
+// once, in s_dest[0]). Collective over the block.
 __device__ void plan_token(const DispatchParams& p, const int* s_topk, const int* s_alive, int t, int* s_pos,
-                           char** s_dest) {
+                           char** s_dest, int* s_owner, int64_t* s_offset) {
   const Common& c = p.c;
   const int K = p.numTopk;
   int mine[kMaxTopk];
@@ -254,15 +319,60 @@ __device__ void plan_token(const DispatchParams& p, const int* s_topk, const int
     const int k = threadIdx.x;
     const int e = s_topk[t * K + k];
     char* dest = nullptr;
-    const int owner = e >= 0 ? e / c.layout.numLocalExperts : -1;
-    if (owner >= 0 && s_alive[owner]) {
+    int owner = e >= 0 ? e / c.layout.numLocalExperts : -1;
+    if (owner >= 0 && !s_alive[owner]) owner = -1;
+    int64_t offset = 0;
+    if (owner >= 0) {
       const int localExpert = e % c.layout.numLocalExperts;
       const int64_t row = ((int64_t)localExpert * c.layout.numRanks + c.rank) * c.layout.maxTokens + s_pos[k];
-      dest = c.parity_base(c.peers[owner]) + c.layout.staging + row * c.layout.stagingRowBytes;
+      offset = c.parity_offset() + c.layout.staging + row * c.layout.stagingRowBytes;
+      if (!c.staged) dest = c.peers[owner] + offset;
     }
+    s_owner[k] = owner;
+    s_offset[k] = offset;
     s_dest[k] = dest;
   }
   __syncthreads();
+  if (c.staged && threadIdx.x == 0) {
+    bool any = false;
+    for (int k = 0; k < K; ++k) any = any || s_owner[k] >= 0;
+    s_dest[0] = any ? c.local_region() + c.layout.sendRows + (int64_t)t * c.layout.stagingRowBytes : nullptr;
+    for (int k = 1; k < K; ++k) s_dest[k] = nullptr;
+  }
+  if (c.staged) __syncthreads();
+}
+
+// Staged transport: token t's row is complete in this rank's send row; each warp takes top-k
+// positions and moves the payload (and fp8 scales) and the (t, k) meta to that position's owner.
+__device__ void forward_token(const DispatchParams& p, int t, const int* s_owner, const int64_t* s_offset) {
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const char* row = c.local_region() + l.sendRows + (int64_t)t * l.stagingRowBytes;
+  const int64_t payloadBytes = p.useFp8 ? l.hidden : 2 * l.hidden;
+  const int64_t scaleBytes = p.useFp8 ? align_up(l.hidden / kGroupSize * 4, 16) : 0;
+  for (int k = warp; k < p.numTopk; k += kWarps) {
+    const int owner = s_owner[k];
+    if (owner < 0) continue;
+    int4* meta = reinterpret_cast<int4*>(c.local_region() + l.sendMeta) + (int64_t)t * l.maxTopk + k;
+    if (lane == 0) *meta = make_int4(t, k, 0, 0);
+    __syncwarp();
+    const int64_t offset = s_offset[k];
+    char* peer = c.peers[owner];
+    if (peer != nullptr) {
+      char* dst = peer + offset;
+      warp_copy_int4<true>(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(row), (int)(payloadBytes / 16), lane);
+      if (scaleBytes > 0)
+        warp_copy_int4<true>(reinterpret_cast<int4*>(dst + l.scalesOffsetInRow),
+                             reinterpret_cast<const int4*>(row + l.scalesOffsetInRow), (int)(scaleBytes / 16), lane);
+      if (lane == 0) *reinterpret_cast<int4*>(dst + l.metaOffsetInRow) = *meta;
+    } else {
+      char* symmetric = c.local + offset;
+      put_warp(symmetric, row, payloadBytes, owner);
+      if (scaleBytes > 0) put_warp(symmetric + l.scalesOffsetInRow, row + l.scalesOffsetInRow, scaleBytes, owner);
+      put_warp(symmetric + l.metaOffsetInRow, meta, 16, owner);
+    }
+  }
 }
 
 // bf16: every thread moves 8 channels (one int4) to each destination.
@@ -334,6 +444,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(D
   __shared__ int s_alive[kMaxRanks];
   __shared__ int s_pos[kMaxTopk];
   __shared__ char* s_dest[kMaxTopk];
+  __shared__ int s_owner[kMaxTopk];
+  __shared__ int64_t s_offset[kMaxTopk];
   __shared__ int s_last;
   const Common& c = p.c;
   const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens;
@@ -347,17 +459,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(D
   __syncthreads();
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
-    plan_token(p, s_topk, s_alive, t, s_pos, s_dest);
+    plan_token(p, s_topk, s_alive, t, s_pos, s_dest, s_owner, s_offset);
     if (p.useFp8) {
       send_row_fp8(p, t, s_dest);
     } else {
       send_row_bf16(p, t, s_dest);
     }
-    if (threadIdx.x < K && s_dest[threadIdx.x] != nullptr)
+    if (c.staged) {
+      __syncthreads();  // the send row is complete
+      forward_token(p, t, s_owner, s_offset);
+    } else if (threadIdx.x < K && s_dest[threadIdx.x] != nullptr) {
       *reinterpret_cast<int4*>(s_dest[threadIdx.x] + c.layout.metaOffsetInRow) = make_int4(t, threadIdx.x, 0, 0);
-    __syncthreads();  // s_dest is rewritten for the next token
+    }
+    __syncthreads();  // s_dest and the send row are rewritten for the next token
   }
 
+  quiet_block(c);
   if (!last_block_to_finish(&c.state->dispatchDone[c.parity], &s_last)) return;
 
   // Every row of this call is visible: publish counts, then the flags that cover them.
@@ -370,15 +487,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(D
   for (int e = threadIdx.x; e < c.numExperts; e += blockDim.x) {
     const int owner = e / El;
     if (!s_alive[owner]) continue;
-    int* counts = reinterpret_cast<int*>(c.parity_base(c.peers[owner]) + c.layout.dispatchCounts);
-    counts[(e % El) * R + c.rank] = s_expertCount[e];
+    write_peer_int(c, owner, c.parity_offset() + c.layout.dispatchCounts + ((int64_t)(e % El) * R + c.rank) * 4,
+                   s_expertCount[e]);
   }
   __threadfence_system();
   __syncthreads();
+  quiet_block(c);
   for (int q = threadIdx.x; q < R; q += blockDim.x) {
     if (!s_alive[q]) continue;
-    int* ready = reinterpret_cast<int*>(c.parity_base(c.peers[q]) + c.layout.dispatchReady);
-    st_release_sys(ready + c.rank, seq);
+    raise_peer_flag(c, q, c.parity_offset() + c.layout.dispatchReady + (int64_t)c.rank * 4, seq);
   }
   if (threadIdx.x == 0) c.state->dispatchSeq[c.parity] = seq;
 }
@@ -505,18 +622,30 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Co
         const int r = route[flat], s = r >> 16, k = r & 0xffff;
         if (!c.state->alive[s]) continue;
         const int t = srcToken[flat];
-        int4* dst = reinterpret_cast<int4*>(c.parity_base(c.peers[s]) + l.combineRecv +
-                                            ((int64_t)t * l.maxTopk + k) * l.hidden * 2);
-        warp_copy_int4<false>(dst, reinterpret_cast<const int4*>(p.x + flat * l.hidden), rowInt4, lane);
+        const int64_t offset = c.parity_offset() + l.combineRecv + ((int64_t)t * l.maxTopk + k) * l.hidden * 2;
+        const __nv_bfloat16* src = p.x + flat * l.hidden;
+        char* peer = c.peers[s];
+        if (peer != nullptr) {
+          warp_copy_int4<false>(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), rowInt4, lane);
+          continue;
+        }
+        // A put reads a symmetric source: the combine buffer's own row (copied there unless the
+        // expert outputs already are the combine buffer: zero-copy).
+        auto* staged = reinterpret_cast<__nv_bfloat16*>(region + l.combineBuffer) + flat * l.hidden;
+        if (src != staged) {
+          warp_copy_int4<false>(reinterpret_cast<int4*>(staged), reinterpret_cast<const int4*>(src), rowInt4, lane);
+          __syncwarp();
+        }
+        put_warp(c.local + offset, staged, (size_t)l.hidden * 2, s);
       }
     }
   }
 
+  quiet_block(c);
   if (!last_block_to_finish(&c.state->combineDone[c.parity], &s_last)) return;
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     if (!selfAlive || !c.state->alive[s]) continue;
-    int* ready = reinterpret_cast<int*>(c.parity_base(c.peers[s]) + l.combineReady);
-    st_release_sys(ready + c.rank, seq);
+    raise_peer_flag(c, s, c.parity_offset() + l.combineReady + (int64_t)c.rank * 4, seq);
   }
   if (threadIdx.x == 0) c.state->combineSeq[c.parity] = seq;
 }
@@ -624,6 +753,29 @@ bunEpResult_t check_config(const bunEpLowLatencyConfig_t* c) {
   return bunEpSuccess;
 }
 
+// The NVSHMEM transport needs this build to have NVSHMEM, NVSHMEM started in this process as PE
+// `rank` of `numRanks` (bun_ep_nvshmem_init), and localBuffer from bun_ep_nvshmem_malloc.
+bunEpResult_t check_nvshmem_transport(const bunEpLowLatencyConfig_t& c) {
+#if BUN_EP_WITH_NVSHMEM
+  if (nvshmemx_init_status() < NVSHMEM_STATUS_IS_INITIALIZED)
+    return set_error(bunEpInvalidArgument,
+                     "transport: NVSHMEM for rank %lld, but NVSHMEM is not initialised in this process (call "
+                     "bun_ep_nvshmem_init first)",
+                     (long long)c.rank);
+  BUN_EP_REQUIRE(nvshmem_my_pe() == c.rank && nvshmem_n_pes() == c.numRanks,
+                 "rank/numRanks: %lld of %lld, but this process is NVSHMEM PE %d of %d", (long long)c.rank,
+                 (long long)c.numRanks, nvshmem_my_pe(), nvshmem_n_pes());
+  BUN_EP_REQUIRE(c.localBuffer == nullptr || nvshmem_ptr(c.localBuffer, nvshmem_my_pe()) != nullptr,
+                 "localBuffer: expected a block of the NVSHMEM symmetric heap (bun_ep_nvshmem_malloc)");
+  return bunEpSuccess;
+#else
+  return set_error(bunEpNotSupported,
+                   "transport: the NVSHMEM low-latency path (rank %lld) is not available: this libbun_ep.so was built "
+                   "without NVSHMEM; rebuild with NVSHMEM_DIR set, or use peer pointers inside one host",
+                   (long long)c.rank);
+#endif
+}
+
 Context* context_of(void* handle) { return static_cast<Context*>(handle); }
 
 bunEpResult_t enter(Context* ctx) {
@@ -646,6 +798,7 @@ Common common_of(const Context* ctx, int parity) {
   c.timeoutNs = (uint64_t)ctx->config.timeoutNs;
   c.peers = ctx->peersDevice;
   c.local = ctx->local;
+  c.staged = ctx->config.transport == BUN_EP_LL_TRANSPORT_NVSHMEM;
   c.state = reinterpret_cast<State*>(ctx->local + ctx->layout.state);
   c.errorWord = ctx->errorDevice;
   return c;
@@ -686,14 +839,10 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   BUN_EP_REQUIRE(config->localBuffer != nullptr, "localBuffer: expected the rank's registered buffer, got NULL");
   BUN_EP_REQUIRE(config->peerBuffers != nullptr, "peerBuffers: expected an array of %lld pointers, got NULL",
                  (long long)config->numRanks);
-  if (config->transport == BUN_EP_LL_TRANSPORT_NVSHMEM) {
-    return set_error(bunEpNotSupported,
-                     "transport: the NVSHMEM low-latency path is not available in this build (%s); use peer "
-                     "pointers (BUN_EP_LL_TRANSPORT_PEER_POINTERS)",
-                     BUN_EP_WITH_NVSHMEM ? "built with NVSHMEM, but the NVSHMEM transport is not implemented yet"
-                                         : "built without NVSHMEM");
-  }
-  for (int64_t r = 0; r < config->numRanks; ++r)
+  const bool nvshmemTransport = config->transport == BUN_EP_LL_TRANSPORT_NVSHMEM;
+  if (nvshmemTransport) BUN_EP_TRY(check_nvshmem_transport(*config));
+  // NVSHMEM: a NULL peer is reached by puts; peer pointers: every peer needs its buffer.
+  for (int64_t r = 0; r < config->numRanks && !nvshmemTransport; ++r)
     BUN_EP_REQUIRE(config->peerBuffers[r] != 0, "peerBuffers[%lld]: expected rank %lld's buffer, got NULL",
                    (long long)r, (long long)r);
 

@@ -6,11 +6,12 @@
 
 import { ptr } from "bun:ffi";
 import { hostname } from "node:os";
-import { BunEpError, check, native, Status } from "../ffi.ts";
+import { BunEpError, check, native } from "../ffi.ts";
 import { LL_COMBINE, LL_CONFIG, LL_DISPATCH, LL_PHASE, LL_TRANSPORT, LL_VIEWS } from "../native/low_latency.ts";
 import { deviceProps, Event, withDevice } from "../stream.ts";
 import { DeviceTensor, PinnedTensor, type Tensor } from "../tensor.ts";
 import { exchangePeerPointers, PeerBuffer, type PeerPointers } from "./cuda_peers.ts";
+import { DEFAULT_NVSHMEM_HEAP_BYTES, NvshmemContext } from "./nvshmem.ts";
 import type {
   BackendInit,
   LowLatencyCombineArgs,
@@ -32,6 +33,11 @@ export interface LowLatencyEngineOptions {
   /** Use NVSHMEM for every peer (tests the cross-host path on one host); also BUN_EP_LL_FORCE_NVSHMEM=1. */
   forceNvshmem?: boolean;
 }
+
+/** Where the registered buffer lives and how peers reach it. */
+type BufferMemory =
+  | { kind: "peer"; buffer: PeerBuffer; peers: PeerPointers }
+  | { kind: "nvshmem"; shmem: NvshmemContext; base: number };
 
 /** The backend-private part of a LowLatencyHandle. */
 interface HandleData {
@@ -81,11 +87,12 @@ export class LowLatencyEngine {
   readonly commStream: number;
   readonly bufferId: number;
   readonly ranksOnDevice: number;
+  /** "peerPointers" (same process or CUDA IPC) or "nvshmem" (symmetric heap; puts where no pointer). */
+  readonly transport: "peerPointers" | "nvshmem";
   /** Bytes of this rank's registered buffer. */
   readonly bufferBytes: number;
   readonly #init: BackendInit;
-  readonly #buffer: PeerBuffer;
-  readonly #peers: PeerPointers;
+  readonly #memory: BufferMemory;
   #context: number;
   readonly #views: [ParityViews, ParityViews];
   readonly #dispatchArgs = new BigInt64Array(LL_DISPATCH.fields);
@@ -95,7 +102,7 @@ export class LowLatencyEngine {
 
   private constructor(
     opts: LowLatencyEngineOptions,
-    fields: { maxTopk: number; ranksOnDevice: number; bufferBytes: number; buffer: PeerBuffer; peers: PeerPointers; context: number },
+    fields: { maxTopk: number; ranksOnDevice: number; bufferBytes: number; memory: BufferMemory; context: number },
   ) {
     const { init } = opts;
     const ll = init.lowLatency!;
@@ -112,8 +119,8 @@ export class LowLatencyEngine {
     this.bufferId = init.bufferId;
     this.ranksOnDevice = fields.ranksOnDevice;
     this.bufferBytes = fields.bufferBytes;
-    this.#buffer = fields.buffer;
-    this.#peers = fields.peers;
+    this.#memory = fields.memory;
+    this.transport = fields.memory.kind === "nvshmem" ? "nvshmem" : "peerPointers";
     this.#context = fields.context;
     this.#views = [this.#makeViews(0), this.#makeViews(1)];
   }
@@ -145,30 +152,48 @@ export class LowLatencyEngine {
     const lib = native();
     check(lib.bun_ep_ll_buffer_bytes(config, outPointer), `low-latency buffer size (rank ${group.rank})`);
     const bufferBytes = Number(outPointer[0]);
+    const createContext = (localBuffer: number, peerPointers: readonly number[]): number => {
+      const peerArray = new BigUint64Array(peerPointers.map((p) => BigInt(p)));
+      config[LL_CONFIG.localBuffer] = BigInt(localBuffer);
+      config[LL_CONFIG.peerBuffers] = BigInt(ptr(peerArray));
+      return withDevice(init.device, () => {
+        check(lib.bun_ep_ll_create(config, outPointer), `creating the low-latency context of rank ${group.rank}`);
+        return Number(outPointer[0]);
+      });
+    };
+
     if (transport === LL_TRANSPORT.nvshmem) {
-      // Fail before allocating when this build cannot do it (the native create says why).
-      config[LL_CONFIG.localBuffer] = 1n;
-      const fake = new BigUint64Array(group.size).fill(1n);
-      config[LL_CONFIG.peerBuffers] = BigInt(ptr(fake));
-      const status = lib.bun_ep_ll_create(config, outPointer);
-      if (status === Status.Success) lib.bun_ep_ll_destroy(Number(outPointer[0]));
-      check(status, `low-latency NVSHMEM transport on rank ${group.rank}${forceNvshmem ? " (forced)" : " (peers on other hosts)"}`);
+      const why = forceNvshmem ? " (forced)" : " (peers on other hosts)";
+      // Throws NotSupported (naming why) in a build without NVSHMEM or with several ranks per process.
+      const shmem = await NvshmemContext.init(group, init.device, {
+        heapBytes: Math.max(DEFAULT_NVSHMEM_HEAP_BYTES, bufferBytes + 2 ** 29),
+      }).catch((err: unknown) => {
+        if (err instanceof BunEpError) throw new BunEpError(err.status, `low-latency NVSHMEM transport on rank ${group.rank}${why}`, err.message);
+        throw err;
+      });
+      let base = 0;
+      try {
+        base = withDevice(init.device, () => shmem.alloc(bufferBytes));
+        // Forced: every peer (this rank too) by puts. Else a load/store pointer where NVSHMEM has one.
+        const pointers = Array.from({ length: group.size }, (_, r) => (forceNvshmem ? 0 : shmem.ptr(r, base)));
+        const context = createContext(base, pointers);
+        await group.barrier(); // nobody may send before every peer has cleared its flags
+        return new LowLatencyEngine(opts, { maxTopk, ranksOnDevice, bufferBytes, memory: { kind: "nvshmem", shmem, base }, context });
+      } catch (err) {
+        if (base !== 0) shmem.free(base);
+        shmem.finalize();
+        throw err;
+      }
     }
 
     const buffer = PeerBuffer.allocate(init.device, bufferBytes);
     let peers: PeerPointers | null = null;
     try {
       peers = await exchangePeerPointers(group, buffer.ptr, init.device);
-      const peerArray = new BigUint64Array(peers.ptrs.map((p) => BigInt(p)));
-      config[LL_CONFIG.localBuffer] = BigInt(buffer.ptr);
-      config[LL_CONFIG.peerBuffers] = BigInt(ptr(peerArray));
-      const context = withDevice(init.device, () => {
-        check(lib.bun_ep_ll_create(config, outPointer), `creating the low-latency context of rank ${group.rank}`);
-        return Number(outPointer[0]);
-      });
+      const context = createContext(buffer.ptr, peers.ptrs);
       // Nobody may send before every peer has cleared its flags.
       await group.barrier();
-      return new LowLatencyEngine(opts, { maxTopk, ranksOnDevice, bufferBytes, buffer, peers, context });
+      return new LowLatencyEngine(opts, { maxTopk, ranksOnDevice, bufferBytes, memory: { kind: "peer", buffer, peers }, context });
     } catch (err) {
       peers?.close();
       buffer.free();
@@ -306,9 +331,16 @@ export class LowLatencyEngine {
     await this.#init.group.barrier(); // no peer still writes into our buffer
     lib.bun_ep_ll_destroy(this.#context);
     this.#context = 0;
-    this.#peers.close();
+    const memory = this.#memory;
+    if (memory.kind === "nvshmem") {
+      // Both collective inside NVSHMEM: every rank closes its engines in the same order.
+      withDevice(this.device, () => memory.shmem.free(memory.base));
+      memory.shmem.finalize();
+      return;
+    }
+    memory.peers.close();
     await this.#init.group.barrier(); // every peer closed its mapping of our buffer
-    this.#buffer.free();
+    memory.buffer.free();
   }
 
   // ---- private ----------------------------------------------------------------------------------

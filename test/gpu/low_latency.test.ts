@@ -8,6 +8,7 @@ import { spawnSync } from "node:child_process";
 import { resolve } from "node:path";
 import { LowLatencyEngine } from "../../lib/backend/cuda_ll.ts";
 import { native } from "../../lib/ffi.ts";
+import { nvshmemBuilt } from "../../lib/backend/nvshmem.ts";
 import { LocalGroup } from "../../lib/group.ts";
 import { Stream } from "../../lib/stream.ts";
 import { DeviceTensor } from "../../lib/tensor.ts";
@@ -193,34 +194,80 @@ describeGpu("low-latency dispatch/combine (one GPU, LocalGroup)", () => {
     });
   }, 60_000);
 
-  test("forced NVSHMEM transport: works, or says clearly why not", async () => {
+  test("forced NVSHMEM transport, one rank: exact round with NVSHMEM, NotSupported naming NVSHMEM without", async () => {
     const shape: LlShape = { numRanks: 1, maxTokensPerRank: 8, hidden: 256, numExperts: 4, topk: 2 };
     const [group] = LocalGroup.create(1);
     const stream = Stream.create({ device: DEVICE });
     try {
-      const engine = await LowLatencyEngine.create({ init: initFor(group!, shape, DEVICE), commStream: stream.handle, forceNvshmem: true });
-      await engine.close();
-    } catch (err) {
-      expect(String(err)).toMatch(/NotSupported.*NVSHMEM/);
-      console.log(`[note] forced NVSHMEM: ${(err as Error).message}`);
+      if (!nvshmemBuilt()) {
+        const err = await LowLatencyEngine.create({ init: initFor(group!, shape, DEVICE), commStream: stream.handle, forceNvshmem: true }).catch((e: unknown) => e);
+        expect(String(err)).toMatch(/NotSupported.*without NVSHMEM/);
+        console.log(`[note] forced NVSHMEM (build without it): ${(err as Error).message}`);
+        return;
+      }
+      const engine = await LowLatencyEngine.create({ init: initFor(group!, shape, DEVICE), commStream: stream.handle, maxTopk: shape.topk, forceNvshmem: true });
+      expect(engine.transport).toBe("nvshmem");
+      try {
+        expectRounds([{ engine, stream }], shape, [{ seed: seedBase + 90 }, { seed: seedBase + 91, useFp8: true, hook: true, zeroCopy: true }]);
+      } finally {
+        await engine.close();
+      }
     } finally {
       stream.close();
       group!.close();
     }
-  });
+  }, 60_000);
+
+  test("NVSHMEM refuses several ranks of one process, naming them", async () => {
+    const shape: LlShape = { numRanks: 2, maxTokensPerRank: 8, hidden: 256, numExperts: 4, topk: 2 };
+    const groups = LocalGroup.create(2);
+    const streams = groups.map(() => Stream.create({ device: DEVICE }));
+    try {
+      const errors = await Promise.all(
+        groups.map((g, r) =>
+          LowLatencyEngine.create({ init: initFor(g, shape, DEVICE), commStream: streams[r]!.handle, forceNvshmem: true }).then(
+            async (engine) => {
+              await engine.close();
+              return null;
+            },
+            (e: unknown) => e,
+          ),
+        ),
+      );
+      for (const err of errors) expect(String(err)).toMatch(nvshmemBuilt() ? /ranks 0, 1 run in one process/ : /NotSupported/);
+    } finally {
+      for (const s of streams) s.close();
+      for (const g of groups) g.close();
+    }
+  }, 60_000);
 });
+
+function launchWorker(extraEnv: Record<string, string>): ReturnType<typeof spawnSync> {
+  const root = resolve(import.meta.dir, "..", "..");
+  return spawnSync(
+    "bun",
+    [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", "2", "--ranks-per-gpu", "2", resolve(import.meta.dir, "fixtures/ll_worker.ts"), String(seedBase)],
+    { cwd: root, encoding: "utf8", timeout: 120_000, env: { ...process.env, ...extraEnv } },
+  );
+}
 
 describeGpu("low-latency across 2 processes (CUDA IPC, MPS)", () => {
   test("bf16/fp8, hook and not, through the launcher", () => {
-    const root = resolve(import.meta.dir, "..", "..");
-    const run = spawnSync(
-      "bun",
-      [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", "2", "--ranks-per-gpu", "2", resolve(import.meta.dir, "fixtures/ll_worker.ts"), String(seedBase)],
-      { cwd: root, encoding: "utf8", timeout: 120_000 },
-    );
+    const run = launchWorker({ BUN_EP_LL_FORCE_NVSHMEM: "0" });
     if (run.status !== 0) console.error(run.stdout, run.stderr);
     expect(run.status).toBe(0);
-    expect(run.stdout).toContain("[rank 0] ll_worker ok");
-    expect(run.stdout).toContain("[rank 1] ll_worker ok");
+    expect(run.stdout).toContain("[rank 0] ll_worker ok (peerPointers)");
+    expect(run.stdout).toContain("[rank 1] ll_worker ok (peerPointers)");
+  }, 150_000);
+
+  // 2 PEs over NVSHMEM on one GPU: every peer (self too) reached by NVSHMEM puts, bit-exact.
+  const nvshmemTest = nvshmemBuilt() ? test : test.skip;
+  if (!nvshmemBuilt()) console.log("[skip] 2 PEs over NVSHMEM: libbun_ep.so was built without NVSHMEM");
+  nvshmemTest("2 PEs over NVSHMEM (forced puts) through the launcher", () => {
+    const run = launchWorker({ BUN_EP_LL_FORCE_NVSHMEM: "1" });
+    if (run.status !== 0) console.error(run.stdout, run.stderr);
+    expect(run.status).toBe(0);
+    expect(run.stdout).toContain("[rank 0] ll_worker ok (nvshmem)");
+    expect(run.stdout).toContain("[rank 1] ll_worker ok (nvshmem)");
   }, 150_000);
 });
