@@ -8,14 +8,15 @@ import { EpBuffer } from "../../lib/buffer.ts";
 import { LocalGroup } from "../../lib/group.ts";
 import { makeRng, randomRouting } from "../../lib/reference.ts";
 import { deviceProps } from "../../lib/stream.ts";
-import { HostTensor } from "../../lib/tensor.ts";
+import { DeviceTensor, HostTensor } from "../../lib/tensor.ts";
 import { describeGpu } from "./gpu_env.ts";
 import { describeCase, runNormalCase, type NormalCase } from "./fixtures/normal_case.ts";
 
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
 const seedBase = Number(process.env.BUN_EP_SEED ?? (Date.now() % 1_000_000));
 
-async function makeBuffers(numRanks: number, numNvlBytes = 256 << 20, timeoutMs = 20_000): Promise<EpBuffer[]> {
+// Device waits give up after 10 s: a hang fails fast instead of eating the run's time limit.
+async function makeBuffers(numRanks: number, numNvlBytes = 256 << 20, timeoutMs = 10_000): Promise<EpBuffer[]> {
   const groups = LocalGroup.create(numRanks, { timeoutMs: 60_000 });
   return Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes, timeoutMs })));
 }
@@ -56,6 +57,10 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
         { ...b, skewToExpert: 3, topk: 6 },
         { ...b, maskProbability: 1 },
         { ...b, numSMs: 24, tokens: [1000, 700], cached: true },
+        { ...b, combineInput: "recv", cached: true },
+        { ...b, hidden: 4096, topk: 6, combineInput: "alloc", worst: true, biases: 2 },
+        { ...b, hidden: 7168, combineInput: "mixed", biases: 1, maskProbability: 0.2 },
+        { ...b, combineInput: "recv", worst: true, weights: false },
       ], seedBase);
     } finally {
       await closeAll(buffers);
@@ -71,12 +76,28 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
           { ...b, cached: true, biases: 1 },
           { ...b, fp8: true, hidden: 4096, topk: 6, worst: true },
           { ...b, tokens: b.tokens.map((t, r) => (r === numRanks - 1 ? 0 : t)), skewToExpert: 0, maskProbability: 0.2, biases: 2 },
+          { ...b, combineInput: "recv", cached: true },
+          { ...b, combineInput: "mixed", worst: true, biases: 1 },
         ], seedBase + numRanks * 100);
       } finally {
         await closeAll(buffers);
       }
     }, 240_000);
   }
+
+  test("a full arena: dispatch falls back to the staged copy, combine to push; exact either way", async () => {
+    const buffers = await makeBuffers(2, 64 << 20);
+    try {
+      // Hold (almost) the whole arena (half of the 64 MiB after the control region).
+      const hogs = buffers.map((b) => b.allocCombineInput(Math.floor((63 << 19) / 2048), 1024).x as DeviceTensor);
+      const b: NormalCase = { ...base(2), hidden: 1024, combineInput: "alloc" };
+      await check(buffers, [b, { ...b, fp8: true, cached: true }, { ...b, combineInput: "recv" }], seedBase + 11);
+      for (const h of hogs) h.free();
+      await check(buffers, [b, { ...b, combineInput: "recv" }], seedBase + 12);
+    } finally {
+      await closeAll(buffers);
+    }
+  }, 120_000);
 
   test("1,000 iterations of random routing with the same buffers: exact each time, no device memory growth", async () => {
     const buffers = await makeBuffers(2);
@@ -87,8 +108,9 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
       const freeBefore = deviceProps(DEVICE).freeMemoryBytes;
       const rng = makeRng(seedBase + 8);
       const problems: string[] = [];
+      const sources = ["upload", "recv", "alloc", "mixed"] as const;
       for (let i = 0; i < 1000 && problems.length === 0; i++) {
-        const c: NormalCase = { ...b, tokens: [rng.int(96), rng.int(96)], maskProbability: rng.next() * 0.3, cached: i % 3 === 0, worst: i % 5 === 0 };
+        const c: NormalCase = { ...b, tokens: [rng.int(96), rng.int(96)], maskProbability: rng.next() * 0.3, cached: i % 3 === 0, worst: i % 5 === 0, combineInput: sources[i % 4]! };
         const failures = await runNormalCase(buffers, c, seedBase + 1000 + i);
         if (failures.length > 0) problems.push(`iteration ${i} ${describeCase(c)} (seed ${seedBase + 1000 + i}): ${failures.slice(0, 4).join("; ")}`);
       }
@@ -130,11 +152,11 @@ describeGpu("normal kernels, ranks as processes on one GPU (CUDA IPC; MPS on)", 
       const run = spawnSync(
         "bun",
         [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", String(nproc), "--ranks-per-gpu", String(nproc), resolve(import.meta.dir, "fixtures/normal_rank.ts"), String(seedBase)],
-        { cwd: root, encoding: "utf8", timeout: 180_000 },
+        { cwd: root, encoding: "utf8", timeout: 120_000 },
       );
       if (run.status !== 0) console.error(`seed ${seedBase}\n`, run.stdout, run.stderr);
       expect(run.status).toBe(0);
       for (let r = 0; r < nproc; r++) expect(run.stdout).toContain(`[rank ${r}] normal_rank ok`);
-    }, 200_000);
+    }, 130_000);
   }
 });
