@@ -3,10 +3,14 @@
 // bf16 combine of the dispatched tensor. CUDA events around each call, median of 49 after 20
 // warm-ups, L2 flushed before each; GB/s = received tokens x hidden x 2 bytes / time (fp8:
 // x (1 + 4/128) / 2). In the same run: a device copy of the same bytes by every rank at once (the
-// ceiling), the layout kernel time, the SM count and GB/s per SM.
+// ceiling), the layout kernel time, the SM count and GB/s per SM, and the HBM bytes each path moves
+// per byte received (the model of the kernels: direct dispatch into the arena and pulled combine
+// move about half of what the staged/pushed paths move; see cuda/include/bun_ep_normal.h). Combine
+// runs twice: on the dispatch output (in the arena: home ranks pull) and on a plain copy (pushed).
 //
 //   bun bench/normal.ts --ranks 2 [--sms 24] [--tokens 4096]           ranks of one process
 //   bun bin/bun-ep.ts run --nproc 2 --ranks-per-gpu 2 bench/normal.ts   ranks as processes (MPS on)
+//   bun bin/bun-ep.ts run --nproc 2 bench/normal.ts                     one rank per GPU
 //
 // Rows are merged into bench/results/normal.json (key: mode + ranks) and printed as a markdown table.
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -43,7 +47,7 @@ const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floo
 
 interface Rank {
   buffer: EpBuffer;
-  stream: Stream; // the device's default stream: where the timing events go
+  stream: Stream; // the rank's compute stream (buffer.stream): where the timing events go
   flush: DeviceTensor<"u8">;
   x: DeviceTensor;
   xFp8: DeviceTensor;
@@ -61,8 +65,8 @@ async function setup(groups: Group[]): Promise<Rank[]> {
     const scales = HostTensor.full("f32", [NUM_TOKENS, HIDDEN / 128], 1);
     return {
       buffer,
-      stream: Stream.forDevice(DEVICE),
-      flush: DeviceTensor.empty("u8", [256 << 20], { device: DEVICE }),
+      stream: buffer.stream!,
+      flush: DeviceTensor.empty("u8", [256 << 20], { device: DEVICE, stream: buffer.stream! }),
       x: buffer.fromHost(host) as DeviceTensor,
       xFp8: buffer.fromHost(fp8) as DeviceTensor,
       scales: buffer.fromHost(scales) as DeviceTensor,
@@ -131,6 +135,16 @@ async function main(): Promise<void> {
   const bf16Ms = await timeAll(ranks, barrier, (r) => r.buffer.dispatch({ x: r.x, handle: handles.get(r)! }));
   const fp8Ms = await timeAll(ranks, barrier, (r) => r.buffer.dispatch({ x: r.xFp8, xScales: r.scales, handle: handles.get(r)! }));
   const combineMs = await timeAll(ranks, barrier, (r) => r.buffer.combine({ x: recvX.get(r)!.recvX, handle: handles.get(r)! }));
+  // The same combine from a plain pool copy of the rows: pushed into the home ranks' staging.
+  const plainX = new Map<Rank, DeviceTensor>(
+    ranks.map((r) => {
+      const src = recvX.get(r)!.recvX as DeviceTensor<"bf16">;
+      return [r, DeviceTensor.empty("bf16", src.shape, { device: DEVICE, stream: r.stream }).copyFrom(src, r.stream)];
+    }),
+  );
+  const combinePushMs = await timeAll(ranks, barrier, (r) => r.buffer.combine({ x: plainX.get(r)!, handle: handles.get(r)! }));
+  // Arena tensors carry their own free() (they hand the block back to the arena).
+  const direct = ranks.map((r) => Object.hasOwn(recvX.get(r)!.recvX, "free"));
 
   // Ceiling: every rank copies its received bf16 bytes at once with a copy kernel (4 blocks per SM).
   const copyMs = await (async () => {
@@ -160,17 +174,25 @@ async function main(): Promise<void> {
     const bytesBf16 = numRecv[k]! * HIDDEN * 2;
     const bytesFp8 = (bytesBf16 * (1 + 4 / 128)) / 2;
     const ceilingGBs = bytesBf16 / (copyMs[k]! * 1e6);
-    for (const [name, ms, bytes] of [
-      ["dispatch bf16", bf16Ms[k]!, bytesBf16],
-      ["dispatch fp8", fp8Ms[k]!, bytesFp8],
-      ["combine bf16", combineMs[k]!, bytesBf16],
+    // HBM bytes moved per byte received, from the kernels' design: x read once per token (T rows),
+    // each received row written once; staged adds a staging write and read; combine reads every
+    // received row once and writes T rows, push adds a staging write and read.
+    const sentShare = NUM_TOKENS / numRecv[k]!;
+    const dispatchPasses = sentShare + 1 + (direct[k] ? 0 : 2);
+    const pullPasses = 1 + sentShare;
+    const pushPasses = 1 + sentShare + 2;
+    for (const [name, ms, bytes, passes, path] of [
+      ["dispatch bf16", bf16Ms[k]!, bytesBf16, dispatchPasses, direct[k] ? "direct" : "staged"],
+      ["dispatch fp8", fp8Ms[k]!, bytesFp8, dispatchPasses, direct[k] ? "direct" : "staged"],
+      ["combine bf16", combineMs[k]!, bytesBf16, direct[k] ? pullPasses : pushPasses, direct[k] ? "pull" : "push"],
+      ["combine bf16 (push)", combinePushMs[k]!, bytesBf16, pushPasses, "push"],
     ] as const) {
       const gbs = bytes / (ms * 1e6);
       const deepep = DEEPEP[`${numRanks} ${name}`];
       rows.push({
-        mode, numRanks, rank: r.buffer.rank, case: `EP${numRanks} ${name}`, numRecvTokens: numRecv[k], timeUs: ms * 1e3, gbs,
-        ceilingGBs, ratioToCeiling: gbs / ceilingGBs, numSMs: NUM_SMS, gbsPerSM: gbs / NUM_SMS, layoutUs: layoutMs[k]! * 1e3,
-        deepepGBs: deepep ?? null, ratioToDeepEP: deepep !== undefined ? gbs / deepep : null,
+        mode, numRanks, rank: r.buffer.rank, case: `EP${numRanks} ${name}`, path, numRecvTokens: numRecv[k], timeUs: ms * 1e3, gbs,
+        ceilingGBs, ratioToCeiling: gbs / ceilingGBs, bytesMovedPerByte: passes, hbmGBs: gbs * passes, numSMs: NUM_SMS, gbsPerSM: gbs / NUM_SMS,
+        layoutUs: layoutMs[k]! * 1e3, deepepGBs: deepep ?? null, ratioToDeepEP: deepep !== undefined ? gbs / deepep : null,
       });
     }
   });
@@ -189,16 +211,17 @@ async function main(): Promise<void> {
     const kept = (previous.rows ?? []).filter((row) => !(row.mode === mode && row.numRanks === numRanks));
     writeFileSync(path, JSON.stringify({ device: device.name ?? `device ${DEVICE}`, date: new Date().toISOString(), command: `bun ${process.argv.slice(1).join(" ")}`, rows: [...kept, ...allRows] }, null, 2));
     console.log(`\n${device.name ?? ""} ${mode}, ${numRanks} ranks, ${NUM_SMS} SMs per rank, ${NUM_TOKENS} tokens, hidden ${HIDDEN}, top-${TOPK} of ${NUM_EXPERTS}`);
-    console.log("| case | rank | recv tokens | time (us) | GB/s | ceiling GB/s | of ceiling | GB/s per SM | layout (us) | DeepEP GB/s | ratioToDeepEP |");
-    console.log("|---|---|---|---|---|---|---|---|---|---|---|");
+    console.log("| case | path | rank | recv tokens | time (us) | GB/s | ceiling GB/s | of ceiling | bytes moved / byte | HBM GB/s | GB/s per SM | layout (us) | DeepEP GB/s | ratioToDeepEP |");
+    console.log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (const row of allRows) {
       const f = (v: unknown, d = 1): string => (typeof v === "number" ? v.toFixed(d) : "-");
-      console.log(`| ${row.case} | ${row.rank} | ${row.numRecvTokens} | ${f(row.timeUs)} | ${f(row.gbs)} | ${f(row.ceilingGBs)} | ${f(row.ratioToCeiling, 2)} | ${f(row.gbsPerSM, 2)} | ${f(row.layoutUs)} | ${f(row.deepepGBs, 0)} | ${f(row.ratioToDeepEP, 2)} |`);
+      console.log(`| ${row.case} | ${row.path} | ${row.rank} | ${row.numRecvTokens} | ${f(row.timeUs)} | ${f(row.gbs)} | ${f(row.ceilingGBs)} | ${f(row.ratioToCeiling, 2)} | ${f(row.bytesMovedPerByte, 2)} | ${f(row.hbmGBs, 0)} | ${f(row.gbsPerSM, 2)} | ${f(row.layoutUs)} | ${f(row.deepepGBs, 0)} | ${f(row.ratioToDeepEP, 2)} |`);
     }
     console.log(`written: ${path}`);
   }
   for (const r of ranks) {
-    for (const t of [r.flush, r.x, r.xFp8, r.scales, r.topkIdx]) t.free();
+    for (const t of [r.flush, r.x, r.xFp8, r.scales, r.topkIdx, plainX.get(r)!]) t.free();
+    freeResult(recvX.get(r));
   }
   await Promise.all(ranks.map((r) => r.buffer.close()));
   for (const g of groups) g.close();
