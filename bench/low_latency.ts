@@ -128,7 +128,7 @@ async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { ev
   let last: LowLatencyDispatchResult[] = [];
   const dispatchAll = (hook = false, stream = (st: RankState) => st.stream.handle): LowLatencyDispatchResult[] =>
     (last = states.map((st, r) =>
-      st.engine.dispatch({
+      st.engine.dispatchSync({
         x: data[r]!.x, topkIdx: data[r]!.topkIdx, maxTokensPerRank: shape.maxTokensPerRank, numExperts: shape.numExperts,
         useFp8: true, roundScale: false, useUe8m0: false, cumulativeRecvStats: null, waitStats: null, hook, asyncFinish: false,
         stream: stream(st),
@@ -136,7 +136,7 @@ async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { ev
     ));
   const combineAll = (results: LowLatencyDispatchResult[], hook = false) =>
     states.map((st, r) =>
-      st.engine.combine({
+      st.engine.combineSync({
         x: st.engine.getNextCombineBuffer(results[r]!.handle), topkIdx: data[r]!.topkIdx, topkWeights: data[r]!.topkWeights,
         handle: results[r]!.handle, zeroCopy: true, out: null, hook, asyncFinish: false, stream: st.stream.handle,
       }),

@@ -217,7 +217,26 @@ export class LowLatencyEngine {
     check(native().bun_ep_ll_check(this.#context), `low-latency buffer ${this.bufferId} of rank ${this.rank}`);
   }
 
-  dispatch(args: LowLatencyDispatchArgs): LowLatencyDispatchResult {
+  /** The Backend form (lib/backend/cuda.ts): dispatchSync as a promise (rejected on bad input). */
+  dispatch(args: LowLatencyDispatchArgs): Promise<LowLatencyDispatchResult> {
+    try {
+      return Promise.resolve(this.dispatchSync(args));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /** The Backend form: combineSync as a promise (rejected on bad input). */
+  combine(args: LowLatencyCombineArgs): Promise<LowLatencyCombineResult> {
+    try {
+      return Promise.resolve(this.combineSync(args));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /** Launches the dispatch (send, and receive unless hook) and returns its outputs at once. */
+  dispatchSync(args: LowLatencyDispatchArgs): LowLatencyDispatchResult {
     this.checkError();
     const [numTokens = 0] = args.x.shape;
     const numTopk = args.topkIdx.shape[1] ?? 0;
@@ -266,7 +285,8 @@ export class LowLatencyEngine {
     };
   }
 
-  combine(args: LowLatencyCombineArgs): LowLatencyCombineResult {
+  /** Launches the combine (send, and receive unless hook) and returns combinedX at once. */
+  combineSync(args: LowLatencyCombineArgs): LowLatencyCombineResult {
     this.checkError();
     const data = this.#handleData(args.handle);
     const numTokens = args.handle.numTokens;

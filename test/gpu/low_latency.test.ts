@@ -96,7 +96,7 @@ describeGpu("low-latency dispatch/combine (one GPU, LocalGroup)", () => {
         const input = makeInputs(seedBase + 40, shape)[0]!;
         const x = toDevice(input.x, st.stream);
         const topkIdx = toDevice(input.topkIdx, st.stream);
-        st.engine.dispatch({
+        st.engine.dispatchSync({
           x, topkIdx, maxTokensPerRank: 8, numExperts: 4, useFp8: false, roundScale: false, useUe8m0: false,
           cumulativeRecvStats: null, waitStats: null, hook: false, asyncFinish: false, stream: null,
         });
@@ -119,7 +119,7 @@ describeGpu("low-latency dispatch/combine (one GPU, LocalGroup)", () => {
       const input = makeInputs(seedBase + 50, shape, "full")[0]!;
       const x = toDevice(input.x, st.stream);
       const topkIdx = toDevice(input.topkIdx, st.stream);
-      st.engine.dispatch({
+      st.engine.dispatchSync({
         x, topkIdx, maxTokensPerRank: 16, numExperts: 8, useFp8: true, roundScale: false, useUe8m0: false,
         cumulativeRecvStats: null, waitStats: null, hook: true, asyncFinish: false, stream: null,
       });
@@ -155,7 +155,7 @@ describeGpu("low-latency dispatch/combine (one GPU, LocalGroup)", () => {
       for (let i = 0; i < 7; i++) {
         alone.push(timeCopy());
         const results = states.map((st, r) =>
-          st.engine.dispatch({
+          st.engine.dispatchSync({
             x: dev[r]!.x, topkIdx: dev[r]!.topkIdx, maxTokensPerRank: 128, numExperts: 16, useFp8: true, roundScale: false,
             useUe8m0: false, cumulativeRecvStats: null, waitStats: null, hook: true, asyncFinish: false, stream: null,
           }),
