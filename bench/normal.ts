@@ -56,7 +56,7 @@ interface Rank {
 }
 
 async function setup(groups: Group[]): Promise<Rank[]> {
-  const buffers = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes: 1_200_000_000, numSMs: NUM_SMS })));
+  const buffers = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes: 1_200_000_000, numSMs: NUM_SMS, timeoutMs: 8000 })));
   return buffers.map((buffer) => {
     const rng = makeRng(1234 + buffer.rank);
     const host = randomBf16(rng, [NUM_TOKENS, HIDDEN]);

@@ -69,7 +69,7 @@ async function main(): Promise<void> {
   const barrier = async (): Promise<void> => {
     await Promise.all(groups.map((g) => g.barrier()));
   };
-  const buffers = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes: 1_200_000_000 })));
+  const buffers = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes: 1_200_000_000, timeoutMs: 8000 })));
   const inputs = buffers.map((b) => {
     const rng = makeRng(99 + b.rank);
     return { x: b.fromHost(randomBf16(rng, [NUM_TOKENS, HIDDEN])), topkIdx: b.fromHost(randomRouting(rng, NUM_TOKENS, NUM_EXPERTS, TOPK)) };
