@@ -14,8 +14,11 @@
 #ifndef BUN_EP_LOW_LATENCY_H
 #define BUN_EP_LOW_LATENCY_H
 
-/* Transport of the context: peer pointers (same process or CUDA IPC) for every peer, or NVSHMEM
- * for every peer (tests the cross-host path on one machine; bunEpNotSupported without NVSHMEM). */
+/* Transport of the context. PEER_POINTERS: every peerBuffers[r] is rank r's buffer (same process
+ * or CUDA IPC). NVSHMEM: localBuffer comes from bun_ep_nvshmem_malloc (NVSHMEM started in this
+ * process as PE `rank` of `numRanks`); peerBuffers[r] is nvshmem_ptr's load/store pointer to rank r's
+ * copy, or 0 for a peer reached by NVSHMEM puts (another host; all 0 forces puts for every peer, to
+ * test that path on one machine). bunEpNotSupported in a build without NVSHMEM. */
 #define BUN_EP_LL_TRANSPORT_PEER_POINTERS 0
 #define BUN_EP_LL_TRANSPORT_NVSHMEM 1
 
