@@ -160,11 +160,6 @@ BUN_EP_API int64_t bun_ep_internode_handle_bytes(int64_t numTokens, int64_t numR
 BUN_EP_API bunEpResult_t bun_ep_internode_capacities(int64_t nvlBytes, int64_t rdmaBytes, int64_t numRanks,
                                                      int64_t ranksPerNode, int64_t hidden, int64_t elementBytes,
                                                      int64_t topk, bunEpInternodeCapacities_t* out);
-/* The NVL buffer of each rank of this node as this rank sees it (nvshmem_ptr); fails naming the rank
- * when NVSHMEM gives no peer pointer (no P2P path inside the node). out: [ranksPerNode]. */
-BUN_EP_API bunEpResult_t bun_ep_internode_peer_pointers(void* nvlBuffer, int64_t rank, int64_t ranksPerNode,
-                                                        void** out);
-
 BUN_EP_API bunEpResult_t bun_ep_internode_layout(const bunEpInternodeLayoutArgs_t* args);
 /* Exchange counts with every rank (prepare + notify kernels); fills the handle, recvCountPerExpert,
  * the host record. */

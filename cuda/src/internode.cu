@@ -854,33 +854,6 @@ extern "C" BUN_EP_API bunEpResult_t bun_ep_internode_capacities(int64_t nvlBytes
   return bunEpSuccess;
 }
 
-extern "C" BUN_EP_API bunEpResult_t bun_ep_internode_peer_pointers(void* nvlBuffer, int64_t rank, int64_t ranksPerNode,
-                                                                   void** out) {
-#if BUN_EP_WITH_NVSHMEM
-  BUN_EP_REQUIRE(nvlBuffer != nullptr && out != nullptr, "bun_ep_internode_peer_pointers: nvlBuffer and out are required");
-  BUN_EP_REQUIRE(ranksPerNode >= 1 && ranksPerNode <= kMaxLocal, "ranksPerNode must be in [1, %d], got %lld", kMaxLocal,
-                 (long long)ranksPerNode);
-  const int myPe = nvshmem_my_pe();
-  BUN_EP_REQUIRE(myPe == rank,
-                 "NVSHMEM PE %d differs from rank %lld: NVSHMEM must be initialised with PE = rank of the group", myPe,
-                 (long long)rank);
-  const int64_t node = rank / ranksPerNode;
-  for (int64_t j = 0; j < ranksPerNode; ++j) {
-    const int pe = static_cast<int>(node * ranksPerNode + j);
-    out[j] = pe == myPe ? nvlBuffer : nvshmem_ptr(nvlBuffer, pe);
-    if (out[j] == nullptr)
-      return set_error(bunEpNotSupported,
-                       "rank %lld: NVSHMEM gives no peer pointer to rank %d of the same node (no P2P path: is "
-                       "NVSHMEM_DISABLE_P2P set, or are the node's GPUs without peer access?)",
-                       (long long)rank, pe);
-  }
-  return bunEpSuccess;
-#else
-  (void)nvlBuffer, (void)rank, (void)ranksPerNode, (void)out;
-  return no_nvshmem("bun_ep_internode_peer_pointers");
-#endif
-}
-
 extern "C" BUN_EP_API bunEpResult_t bun_ep_internode_layout(const bunEpInternodeLayoutArgs_t* args) {
   BUN_EP_REQUIRE(args != nullptr, "bun_ep_internode_layout: args is NULL");
   const bunEpInternodeLayoutArgs_t& a = *args;
