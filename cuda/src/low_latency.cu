@@ -56,6 +56,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTopk = 16;
 constexpr int kMaxRanks = 512;
+constexpr int kMaxLocalExperts = 8192;  // the combine send's prefix of counts sits in shared memory
 constexpr int kGroupSize = 128;  // channels per FP8 scale
 constexpr int kUe8m0GroupsPerWord = 4;
 constexpr float kAmaxFloor = 1e-4f;
@@ -284,6 +285,30 @@ __device__ __forceinline__ void unpack_bf16x8(const int4& v, float* out) {
   }
 }
 
+// s_out[i] = sum of in[0..i) for i in 0..n (s_out[n] the total), by warp 0; the caller syncs after.
+// Each lane sums a contiguous chunk, then the chunk sums are scanned across the warp.
+__device__ void warp_exclusive_scan(const int* in, int n, int* s_out) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  const int chunk = (n + 31) / 32;
+  const int begin = min(n, lane * chunk), end = min(n, begin + chunk);
+  int sum = 0;
+  for (int i = begin; i < end; ++i) sum += in[i];
+  int inclusive = sum;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  int running = inclusive - sum;
+  for (int i = begin; i < end; ++i) {
+    const int value = in[i];
+    s_out[i] = running;
+    running += value;
+  }
+  if (lane == 31) s_out[n] = inclusive;
+}
+
 // ---- dispatch: send ----------------------------------------------------------------------------
 
 // Where token t's row goes, per top-k position: the owner rank (-1: no expert, or its owner is
@@ -294,24 +319,16 @@ __device__ void plan_token(const DispatchParams& p, const int* s_topk, const int
                            char** s_dest, int* s_owner, int64_t* s_offset) {
   const Common& c = p.c;
   const int K = p.numTopk;
-  int mine[kMaxTopk];
-  unsigned count[kMaxTopk];
-#pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) {
-    mine[k] = k < K ? s_topk[t * K + k] : -1;
-    count[k] = 0;
-  }
   if (threadIdx.x < kMaxTopk) s_pos[threadIdx.x] = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < t * K; i += blockDim.x) {
-    const int e = s_topk[i];
-    if (e < 0) continue;
-#pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) count[k] += (e == mine[k]) ? 1u : 0u;
-  }
-#pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) {
-    const unsigned total = __reduce_add_sync(0xffffffffu, count[k]);
+  // One pass per top-k position with a single counter per thread (few registers: the fp8 path
+  // that follows needs them).
+  for (int k = 0; k < K; ++k) {
+    const int mine = s_topk[t * K + k];
+    if (mine < 0) continue;  // block-uniform
+    unsigned count = 0;
+    for (int i = threadIdx.x; i < t * K; i += blockDim.x) count += s_topk[i] == mine ? 1u : 0u;
+    const unsigned total = __reduce_add_sync(0xffffffffu, count);
     if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
   }
   __syncthreads();
@@ -395,13 +412,17 @@ __device__ void send_row_fp8(const DispatchParams& p, int t, char* const* s_dest
   for (int base = 0; base < H / 16; base += blockDim.x) {
     const int v = base + threadIdx.x;
     const bool active = v < H / 16;
-    float values[16];
+    // Kept packed (8 registers, not 16 floats): widened again when quantized.
+    int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
     float amax = 0.0f;
     if (active) {
-      unpack_bf16x8(ld_nc_int4(src + 2 * v), values);
-      unpack_bf16x8(ld_nc_int4(src + 2 * v + 1), values + 8);
+      raw[0] = ld_nc_int4(src + 2 * v);
+      raw[1] = ld_nc_int4(src + 2 * v + 1);
 #pragma unroll
-      for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(values[i]));
+      for (int i = 0; i < 8; ++i) {
+        const float2 pair = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(raw)[i]);
+        amax = fmaxf(amax, fmaxf(fabsf(pair.x), fabsf(pair.y)));
+      }
     }
 #pragma unroll
     for (int mask = 4; mask >= 1; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
@@ -420,10 +441,11 @@ __device__ void send_row_fp8(const DispatchParams& p, int t, char* const* s_dest
     for (int w = 0; w < 4; ++w) {
       uint32_t word = 0;
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const __nv_fp8_storage_t q =
-            __nv_cvt_float_to_fp8(__fmul_rn(values[4 * w + b], multiplier), __NV_SATFINITE, __NV_E4M3);
-        word |= (uint32_t)q << (8 * b);
+      for (int b = 0; b < 4; b += 2) {
+        const float2 pair = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(raw)[(4 * w + b) / 2]);
+        const __nv_fp8_storage_t q0 = __nv_cvt_float_to_fp8(__fmul_rn(pair.x, multiplier), __NV_SATFINITE, __NV_E4M3);
+        const __nv_fp8_storage_t q1 = __nv_cvt_float_to_fp8(__fmul_rn(pair.y, multiplier), __NV_SATFINITE, __NV_E4M3);
+        word |= ((uint32_t)q0 | ((uint32_t)q1 << 8)) << (8 * b);
       }
       words[w] = word;
     }
@@ -439,8 +461,8 @@ __device__ void send_row_fp8(const DispatchParams& p, int t, char* const* s_dest
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(DispatchParams p) {
-  extern __shared__ int s_dynamic[];
+// The send phase; `seq` is this call's number (read by the caller before any block can finish).
+__device__ void dispatch_send(const DispatchParams& p, int seq, int* s_dynamic) {
   __shared__ int s_alive[kMaxRanks];
   __shared__ int s_pos[kMaxTopk];
   __shared__ char* s_dest[kMaxTopk];
@@ -455,7 +477,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(D
   const bool selfAlive = c.state->alive[c.rank] != 0;
   for (int r = threadIdx.x; r < R; r += blockDim.x) s_alive[r] = selfAlive && c.state->alive[r] != 0;
   load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
-  const int seq = c.state->dispatchSeq[c.parity] + 1;
   __syncthreads();
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
@@ -500,6 +521,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(D
   if (threadIdx.x == 0) c.state->dispatchSeq[c.parity] = seq;
 }
 
+// Every block reads the call number before any block can reach the grid-completion counter.
+__device__ __forceinline__ int next_seq(const int* counter) {
+  const int seq = ld_volatile(counter) + 1;
+  __syncthreads();
+  return seq;
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(DispatchParams p) {
+  extern __shared__ int s_dynamic[];
+  dispatch_send(p, next_seq(&p.c.state->dispatchSeq[p.c.parity]), s_dynamic);
+}
+
 // ---- dispatch: receive -------------------------------------------------------------------------
 
 // Moves one staging row (source rank s, its j-th token for this expert) to packed slot `slot`.
@@ -537,14 +570,14 @@ __device__ void unpack_row(const DispatchParams& p, char* region, int localExper
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(DispatchParams p) {
+// The receive phase of call `seq`.
+__device__ void dispatch_recv(const DispatchParams& p, int seq) {
   __shared__ int s_count[kMaxRanks];
   __shared__ int s_begin[kMaxRanks + 1];
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks;
   char* region = c.local_region();
-  const int seq = c.state->dispatchSeq[c.parity];
   const bool selfAlive = c.state->alive[c.rank] != 0;
   const int* ready = reinterpret_cast<const int*>(region + l.dispatchReady);
   const int* counts = reinterpret_cast<const int*>(region + l.dispatchCounts);
@@ -567,14 +600,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(D
       s_count[s] = count;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int sum = 0;
-      for (int s = 0; s < R; ++s) {
-        s_begin[s] = sum;
-        sum += s_count[s];
-      }
-      s_begin[R] = sum;
-    }
+    warp_exclusive_scan(s_count, R, s_begin);
     __syncthreads();
     const int total = s_begin[R];
     if (split == 0) {
@@ -597,48 +623,82 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(D
   }
 }
 
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(DispatchParams p) {
+  dispatch_recv(p, ld_volatile(&p.c.state->dispatchSeq[p.c.parity]));
+}
+
+// No hook: one kernel sends, then (every block, after the grid's last block has published) receives.
+// Its grid fits the waiting-block budget, so every rank's blocks are resident together.
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_fused_kernel(DispatchParams p) {
+  extern __shared__ int s_dynamic[];
+  const int seq = next_seq(&p.c.state->dispatchSeq[p.c.parity]);
+  dispatch_send(p, seq, s_dynamic);
+  dispatch_recv(p, seq);
+}
+
 // ---- combine -------------------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(CombineParams p) {
+// Copy n int4 by one warp with eight non-coherent loads in flight per lane (expert outputs were
+// written by earlier kernels; the destination is a peer's receive area).
+__device__ __forceinline__ void warp_copy_int4_wide(int4* dst, const int4* src, int n, int lane) {
+  constexpr int kInFlight = 8;
+  int i = lane;
+  for (; i + 32 * (kInFlight - 1) < n; i += 32 * kInFlight) {
+    int4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) v[u] = ld_nc_int4(src + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) st_na_int4(dst + i + 32 * u, v[u]);
+  }
+  for (; i < n; i += 32) st_na_int4(dst + i, ld_nc_int4(src + i));
+}
+
+// The send phase of call `seq`: every valid (expert, slot) row goes to its home rank. The rows of all
+// local experts form one flat list (prefix of recvCount in shared memory) spread over every warp of
+// the grid, so a few busy experts never leave most warps idle.
+__device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   __shared__ int s_last;
   const Common& c = p.c;
   const Layout& l = c.layout;
-  const int R = l.numRanks;
+  const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
-  const int seq = c.state->combineSeq[c.parity] + 1;
   const bool selfAlive = c.state->alive[c.rank] != 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int globalWarp = blockIdx.x * kWarps + warp, numWarps = gridDim.x * kWarps;
   const int rowInt4 = l.hidden * 2 / 16;
-  const int* recvCount = reinterpret_cast<const int*>(region + l.recvCount);
   const int* route = reinterpret_cast<const int*>(region + l.slotRoute);
   const int* srcToken = reinterpret_cast<const int*>(region + l.srcTokenIdx);
 
-  if (selfAlive) {
-    for (int e = 0; e < l.numLocalExperts; ++e) {
-      const int count = recvCount[e];
-      for (int slot = globalWarp; slot < count; slot += numWarps) {
-        const int64_t flat = (int64_t)e * l.slotsPerExpert + slot;
-        const int r = route[flat], s = r >> 16, k = r & 0xffff;
-        if (!c.state->alive[s]) continue;
-        const int t = srcToken[flat];
-        const int64_t offset = c.parity_offset() + l.combineRecv + ((int64_t)t * l.maxTopk + k) * l.hidden * 2;
-        const __nv_bfloat16* src = p.x + flat * l.hidden;
-        char* peer = c.peers[s];
-        if (peer != nullptr) {
-          warp_copy_int4<false>(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), rowInt4, lane);
-          continue;
-        }
-        // A put reads a symmetric source: the combine buffer's own row (copied there unless the
-        // expert outputs already are the combine buffer: zero-copy).
-        auto* staged = reinterpret_cast<__nv_bfloat16*>(region + l.combineBuffer) + flat * l.hidden;
-        if (src != staged) {
-          warp_copy_int4<false>(reinterpret_cast<int4*>(staged), reinterpret_cast<const int4*>(src), rowInt4, lane);
-          __syncwarp();
-        }
-        put_warp(c.local + offset, staged, (size_t)l.hidden * 2, s);
-      }
+  warp_exclusive_scan(reinterpret_cast<const int*>(region + l.recvCount), El, s_prefix);
+  __syncthreads();
+  const int total = selfAlive ? s_prefix[El] : 0;
+  for (int item = globalWarp; item < total; item += numWarps) {
+    // The expert whose range holds `item`: the last e with s_prefix[e] <= item.
+    int lo = 0, hi = El - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (s_prefix[mid] <= item) lo = mid; else hi = mid - 1;
     }
+    const int e = lo;
+    const int64_t flat = (int64_t)e * l.slotsPerExpert + (item - s_prefix[e]);
+    const int r = route[flat], s = r >> 16, k = r & 0xffff;
+    if (!c.state->alive[s]) continue;
+    const int t = srcToken[flat];
+    const int64_t offset = c.parity_offset() + l.combineRecv + ((int64_t)t * l.maxTopk + k) * l.hidden * 2;
+    const __nv_bfloat16* src = p.x + flat * l.hidden;
+    char* peer = c.peers[s];
+    if (peer != nullptr) {
+      warp_copy_int4_wide(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), rowInt4, lane);
+      continue;
+    }
+    // A put reads a symmetric source: the combine buffer's own row (copied there unless the
+    // expert outputs already are the combine buffer: zero-copy).
+    auto* staged = reinterpret_cast<__nv_bfloat16*>(region + l.combineBuffer) + flat * l.hidden;
+    if (src != staged) {
+      warp_copy_int4<false>(reinterpret_cast<int4*>(staged), reinterpret_cast<const int4*>(src), rowInt4, lane);
+      __syncwarp();
+    }
+    put_warp(c.local + offset, staged, (size_t)l.hidden * 2, s);
   }
 
   quiet_block(c);
@@ -650,21 +710,27 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Co
   if (threadIdx.x == 0) c.state->combineSeq[c.parity] = seq;
 }
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(CombineParams p) {
+// Rows summed per pass: their loads are all issued before the (ordered) sum.
+constexpr int kCombineRowsInFlight = 8;
+
+// The receive phase of call `seq`: wait for every live rank's flag, then per home token sum its
+// rows over k in order in f32 (no FMA) and round to bf16 once.
+__device__ void combine_recv(const CombineParams& p, int seq) {
   __shared__ int s_row[kMaxTopk];
   __shared__ float s_weight[kMaxTopk];
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, K = p.numTopk, H = l.hidden, El = l.numLocalExperts;
   char* region = c.local_region();
-  const int seq = c.state->combineSeq[c.parity];
   const bool selfAlive = c.state->alive[c.rank] != 0;
   const bool failedBefore = ld_volatile(&c.state->failed) != 0;
   const int* ready = reinterpret_cast<const int*>(region + l.combineReady);
 
-  for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    if (!selfAlive || !c.state->alive[s]) continue;
-    if (failedBefore || !wait_at_least(ready + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
+  if (blockIdx.x < p.numTokens) {
+    for (int s = threadIdx.x; s < R; s += blockDim.x) {
+      if (!selfAlive || !c.state->alive[s]) continue;
+      if (failedBefore || !wait_at_least(ready + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
+    }
   }
   __syncthreads();
 
@@ -684,20 +750,28 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Co
       s_weight[k] = p.topkWeights[(int64_t)t * K + k];
     }
     __syncthreads();
-    for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
+    const int4* tokenRows = reinterpret_cast<const int4*>(rows + (int64_t)t * l.maxTopk * H * 2);
+    const int rowInt4 = H / 8;
+    for (int v = threadIdx.x; v < rowInt4; v += blockDim.x) {
       float acc[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        const int row = s_row[k];
-        if (row < 0) continue;
-        const int4 packed =
-            __ldcg(reinterpret_cast<const int4*>(rows + ((int64_t)t * l.maxTopk + row) * H * 2) + v);
-        float values[8];
-        unpack_bf16x8(packed, values);
-        const float w = s_weight[k];
+      for (int k0 = 0; k0 < K; k0 += kCombineRowsInFlight) {
+        int4 packed[kCombineRowsInFlight];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, values[i]));
+        for (int u = 0; u < kCombineRowsInFlight; ++u) {
+          const int row = k0 + u < K ? s_row[k0 + u] : -1;
+          packed[u] = row >= 0 ? __ldcg(tokenRows + (int64_t)row * rowInt4 + v) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kCombineRowsInFlight; ++u) {
+          if (k0 + u >= K || s_row[k0 + u] < 0) continue;
+          float values[8];
+          unpack_bf16x8(packed[u], values);
+          const float w = s_weight[k0 + u];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, values[i]));
+        }
       }
       __nv_bfloat162 outPairs[4];
 #pragma unroll
@@ -706,6 +780,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Co
     }
     __syncthreads();
   }
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(CombineParams p) {
+  extern __shared__ int s_dynamic[];
+  combine_send(p, next_seq(&p.c.state->combineSeq[p.c.parity]), s_dynamic);
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(CombineParams p) {
+  combine_recv(p, ld_volatile(&p.c.state->combineSeq[p.c.parity]));
+}
+
+// No hook: send, then receive in the same kernel (grid within the waiting-block budget).
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_fused_kernel(CombineParams p) {
+  extern __shared__ int s_dynamic[];
+  const int seq = next_seq(&p.c.state->combineSeq[p.c.parity]);
+  combine_send(p, seq, s_dynamic);
+  combine_recv(p, seq);
 }
 
 // ---- host side -------------------------------------------------------------------------------------
@@ -742,6 +833,9 @@ bunEpResult_t check_config(const bunEpLowLatencyConfig_t* c) {
                  "hidden: expected a positive multiple of %d, got %lld", kGroupSize, (long long)c->hidden);
   BUN_EP_REQUIRE(c->maxTopk >= 1 && c->maxTopk <= kMaxTopk, "maxTopk: expected 1..%d, got %lld", kMaxTopk,
                  (long long)c->maxTopk);
+  BUN_EP_REQUIRE(c->numExperts / c->numRanks <= kMaxLocalExperts,
+                 "numExperts / numRanks: expected at most %d local experts, got %lld", kMaxLocalExperts,
+                 (long long)(c->numExperts / c->numRanks));
   BUN_EP_REQUIRE(c->timeoutNs > 0, "timeoutNs: expected > 0, got %lld", (long long)c->timeoutNs);
   BUN_EP_REQUIRE(dispatch_send_smem(*c) <= 200 * 1024,
                  "maxTokensPerRank * maxTopk + numExperts: %lld exceeds the %d ints of shared memory the send "
@@ -877,6 +971,10 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
       status = cuda(cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          200 * 1024),
                     "cudaFuncSetAttribute(dispatch_send_kernel)");
+    if (status == bunEpSuccess && ctx->dispatchSendSmem > 48 * 1024)
+      status = cuda(cudaFuncSetAttribute(dispatch_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         200 * 1024),
+                    "cudaFuncSetAttribute(dispatch_fused_kernel)");
   }
   if (status == bunEpSuccess) status = clear_flags(ctx, 0);
   if (status == bunEpSuccess) {
@@ -959,10 +1057,17 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
   p.recvSplitsPerExpert = std::max(1, ctx->waitingBlockBudget / El);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
 
+  const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + cfg.numExperts) * sizeof(int);
+  if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
+    // One kernel: no second launch, no kernel boundary between the phases.
+    const int grid = std::min(std::max(p.numTokens, El * p.recvSplitsPerExpert), ctx->waitingBlockBudget);
+    dispatch_fused_kernel<<<std::max(1, grid), kThreads, sendSmem, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+    return bunEpSuccess;
+  }
   if (args->phases & BUN_EP_LL_PHASE_SEND) {
     const int grid = std::max(1, p.numTokens);
-    const size_t smem = (size_t)(p.numTokens * p.numTopk + cfg.numExperts) * sizeof(int);
-    dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(p);
+    dispatch_send_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
   }
   if (args->phases & BUN_EP_LL_PHASE_RECV) {
@@ -1004,16 +1109,20 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
   p.out = args->out != nullptr ? static_cast<__nv_bfloat16*>(args->out)
                                : reinterpret_cast<__nv_bfloat16*>(ctx->local + args->parity * l.parityBytes + l.combinedX);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
-  const int64_t ranksOnDevice = std::max<int64_t>(1, cfg.ranksOnDevice);
-
+  // The send phase spreads rows over every warp of its grid; the prefix of counts is (El + 1) ints.
+  const size_t sendSmem = (size_t)(l.numLocalExperts + 1) * sizeof(int);
+  const int grid = std::max(1, ctx->waitingBlockBudget);
+  if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
+    combine_fused_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+    return bunEpSuccess;
+  }
   if (args->phases & BUN_EP_LL_PHASE_SEND) {
-    const int grid = (int)std::max<int64_t>(1, cfg.numSMs / ranksOnDevice);
-    combine_send_kernel<<<grid, kThreads, 0, stream>>>(p);
+    combine_send_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
   }
   if ((args->phases & BUN_EP_LL_PHASE_RECV) && p.numTokens > 0) {
-    const int grid = std::min(p.numTokens, ctx->waitingBlockBudget);
-    combine_recv_kernel<<<grid, kThreads, 0, stream>>>(p);
+    combine_recv_kernel<<<std::min(p.numTokens, grid), kThreads, 0, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
   }
   return bunEpSuccess;
