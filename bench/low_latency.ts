@@ -4,8 +4,11 @@
 // captured graph (all ranks forked into it); bytes moved (valid (token, expert) rows) and the time
 // of a plain device copy of those bytes measured in the same run: ratioToCopy = copy / ours.
 // Also the latency floor (8 tokens, 1 expert each, in a graph) and the overlap win of two
-// micro-batches with hooks against the same without.
-//   bun bench/low_latency.ts [--ranks 2,4,8] [--iterations 50]
+// micro-batches with hooks against the same without; the compute between the calls is a spin kernel
+// of --compute-us per micro-batch phase on each rank's stream (GPU time, no memory traffic).
+// Ranks of the one process sit on GPU r % BUN_EP_NUM_GPUS (default 1); events are recorded on
+// each rank's own device.
+//   bun bench/low_latency.ts [--ranks 2,4,8] [--iterations 50] [--compute-us 50]
 
 import { check, native } from "../lib/ffi.ts";
 import { LocalGroup } from "../lib/group.ts";
@@ -21,6 +24,7 @@ function option(name: string, fallback: string): string {
 }
 const RANKS = option("--ranks", "2,4,8").split(",").map(Number);
 const ITERATIONS = Number(option("--iterations", "50"));
+const COMPUTE_US = Number(option("--compute-us", "50"));
 const WARMUP = 5;
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
 
@@ -39,12 +43,12 @@ function timeForked(states: RankState[], enqueue: () => void, iterations: number
   const main = states[0]!.stream;
   const samples: number[] = [];
   for (let i = 0; i < WARMUP + iterations; i++) {
-    const start = Event.create({ timing: true, device: DEVICE }).record(main);
+    const start = Event.create({ timing: true, device: main.device }).record(main);
     for (const st of states.slice(1)) st.stream.waitEvent(start);
     enqueue();
-    const joins = states.slice(1).map((st) => Event.create({ device: DEVICE }).record(st.stream));
+    const joins = states.slice(1).map((st) => Event.create({ device: st.stream.device }).record(st.stream));
     for (const j of joins) main.waitEvent(j);
-    const end = Event.create({ timing: true, device: DEVICE }).record(main);
+    const end = Event.create({ timing: true, device: main.device }).record(main);
     end.synchronize();
     if (i >= WARMUP) samples.push(start.elapsedMs(end));
     for (const e of [start, end, ...joins]) e.close();
@@ -57,10 +61,10 @@ function timeForked(states: RankState[], enqueue: () => void, iterations: number
 function captureForked(states: RankState[], enqueue: () => void): Graph {
   const main = states[0]!.stream;
   main.beginCapture();
-  const fork = Event.create({ device: DEVICE }).record(main);
+  const fork = Event.create({ device: main.device }).record(main);
   for (const st of states.slice(1)) st.stream.waitEvent(fork);
   enqueue();
-  for (const st of states.slice(1)) main.waitEvent(Event.create({ device: DEVICE }).record(st.stream));
+  for (const st of states.slice(1)) main.waitEvent(Event.create({ device: st.stream.device }).record(st.stream));
   return main.endCapture();
 }
 
@@ -68,9 +72,9 @@ function timeGraph(states: RankState[], graph: Graph, iterations: number): numbe
   const main = states[0]!.stream;
   const samples: number[] = [];
   for (let i = 0; i < WARMUP + iterations; i++) {
-    const start = Event.create({ timing: true, device: DEVICE }).record(main);
+    const start = Event.create({ timing: true, device: main.device }).record(main);
     graph.launch(main);
-    const end = Event.create({ timing: true, device: DEVICE }).record(main);
+    const end = Event.create({ timing: true, device: main.device }).record(main);
     end.synchronize();
     if (i >= WARMUP) samples.push(start.elapsedMs(end));
     start.close();
@@ -81,13 +85,13 @@ function timeGraph(states: RankState[], graph: Graph, iterations: number): numbe
 }
 
 function copyMs(bytes: number, stream: Stream): number {
-  const src = DeviceTensor.zeros("u8", [bytes], { device: DEVICE, stream });
-  const dst = DeviceTensor.zeros("u8", [bytes], { device: DEVICE, stream });
+  const src = DeviceTensor.zeros("u8", [bytes], { device: stream.device, stream });
+  const dst = DeviceTensor.zeros("u8", [bytes], { device: stream.device, stream });
   const samples: number[] = [];
   for (let i = 0; i < WARMUP + ITERATIONS; i++) {
-    const start = Event.create({ timing: true, device: DEVICE }).record(stream);
+    const start = Event.create({ timing: true, device: stream.device }).record(stream);
     check(lib.bun_ep_debug_copy_bytes(dst.ptr, src.ptr, bytes, 0, stream.handle), "copy");
-    const end = Event.create({ timing: true, device: DEVICE }).record(stream);
+    const end = Event.create({ timing: true, device: stream.device }).record(stream);
     end.synchronize();
     if (i >= WARMUP) samples.push(start.elapsedMs(end));
     start.close();
@@ -174,14 +178,10 @@ async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { ev
   combineGraph.close();
 
   if (opts.overlap) {
-    // Two micro-batches per step with a stand-in compute (a 64 MiB device copy per rank) between.
-    const computeBytes = 64 * 2 ** 20;
-    const scratch = states.map((st) => ({
-      a: DeviceTensor.zeros("u8", [computeBytes], { device: DEVICE, stream: st.stream }),
-      b: DeviceTensor.zeros("u8", [computeBytes], { device: DEVICE, stream: st.stream }),
-    }));
+    // Two micro-batches per step; between the calls a stand-in compute: a spin kernel of COMPUTE_US
+    // on each rank's stream (GPU time without memory traffic, so it does not compete with ours for HBM).
     const compute = () =>
-      states.forEach((st, r) => check(lib.bun_ep_debug_copy_bytes(scratch[r]!.b.ptr, scratch[r]!.a.ptr, computeBytes, 8, st.stream.handle), "compute"));
+      states.forEach((st) => check(lib.bun_ep_debug_spin(BigInt(Math.round(COMPUTE_US * 1000)), st.stream.handle), "compute"));
     const stepWithout = () => {
       const a = dispatchAll();
       compute();
@@ -208,12 +208,9 @@ async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { ev
     };
     const without = median(timeForked(states, stepWithout, ITERATIONS));
     const withHooks = median(timeForked(states, stepWith, ITERATIONS));
-    rows.push({ case: label, ranks: shape.numRanks, op: "step(2 micro-batches)", mode: "no hooks", latencyUs: without * 1000 });
-    rows.push({ case: label, ranks: shape.numRanks, op: "step(2 micro-batches)", mode: "hooks", latencyUs: withHooks * 1000, overlapWin: without / withHooks });
-    for (const s of scratch) {
-      s.a.free();
-      s.b.free();
-    }
+    const op = `step(2 micro-batches, 4 x ${COMPUTE_US} us compute)`;
+    rows.push({ case: label, ranks: shape.numRanks, op, mode: "no hooks", latencyUs: without * 1000 });
+    rows.push({ case: label, ranks: shape.numRanks, op, mode: "hooks", latencyUs: withHooks * 1000, overlapWin: without / withHooks });
   }
 
   for (const st of states) st.stream.synchronize();

@@ -272,9 +272,18 @@ async function step(c: Config, model: ToyModel, ranks: Rank[], hooked: boolean, 
 
 // ---- set-up ------------------------------------------------------------------------------------------
 
+/** GPUs the ranks spread over: BUN_EP_NUM_GPUS, default 1. */
+function gpuCount(): number {
+  return Math.max(1, Math.floor(Number(process.env.BUN_EP_NUM_GPUS ?? 1)) || 1);
+}
+
 async function makeRank(c: Config, group: Group): Promise<Rank> {
+  // One process driving every rank: rank r on GPU r % BUN_EP_NUM_GPUS (default 1 GPU). Launched
+  // ranks take BUN_EP_DEVICE from the launcher (EpBuffer's default).
+  const numGpus = gpuCount();
+  const device = !c.launcher && numGpus > 1 ? group.rank % numGpus : undefined;
   const buffer = await EpBuffer.create({
-    group, backend: c.backend, numNvlBytes: 0,
+    group, backend: c.backend, numNvlBytes: 0, ...(device !== undefined ? { device } : {}),
     lowLatency: { maxTokensPerRank: c.tokens, hidden: c.hidden, numExperts: c.experts },
   });
   const stream = buffer.backendKind === "cuda" ? buffer.stream : null;
@@ -444,7 +453,7 @@ async function main(): Promise<void> {
     // Re-run this script as one process per rank; they meet through TcpGroup (initGroupFromEnv).
     const args = process.argv.slice(2).filter((a) => a !== "--launcher");
     const cli = new URL("../bin/bun-ep.ts", import.meta.url).pathname;
-    const child = Bun.spawn([process.execPath, cli, "run", "--nproc", String(c.ranks), "--ranks-per-gpu", String(c.ranks), import.meta.path, "--launcher", ...args], {
+    const child = Bun.spawn([process.execPath, cli, "run", "--nproc", String(c.ranks), "--ranks-per-gpu", String(Math.ceil(c.ranks / gpuCount())), import.meta.path, "--launcher", ...args], {
       stdout: "inherit", stderr: "inherit",
     });
     process.exit(await child.exited);

@@ -13,7 +13,7 @@ import { LocalGroup } from "../../lib/group.ts";
 import { Stream } from "../../lib/stream.ts";
 import { DeviceTensor } from "../../lib/tensor.ts";
 import { describeGpu } from "./gpu_env.ts";
-import { createEngines, initFor, makeInputs, toDevice, type LlShape, type RankState } from "./fixtures/ll_harness.ts";
+import { createEngines, initFor, makeInputs, ranksPerGpu, toDevice, type LlShape, type RankState } from "./fixtures/ll_harness.ts";
 import { runRound, type RoundOptions } from "./fixtures/ll_run.ts";
 
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
@@ -246,7 +246,7 @@ function launchWorker(extraEnv: Record<string, string>): ReturnType<typeof spawn
   const root = resolve(import.meta.dir, "..", "..");
   return spawnSync(
     "bun",
-    [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", "2", "--ranks-per-gpu", "2", resolve(import.meta.dir, "fixtures/ll_worker.ts"), String(seedBase)],
+    [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", "2", "--ranks-per-gpu", String(ranksPerGpu(2)), resolve(import.meta.dir, "fixtures/ll_worker.ts"), String(seedBase)],
     { cwd: root, encoding: "utf8", timeout: 120_000, env: { ...process.env, ...extraEnv } },
   );
 }
