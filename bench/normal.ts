@@ -19,7 +19,7 @@ import { EpBuffer } from "../lib/buffer.ts";
 import { check, native } from "../lib/ffi.ts";
 import { initGroupFromEnv, LocalGroup, type Group } from "../lib/group.ts";
 import { makeRng, randomBf16, randomRouting } from "../lib/reference.ts";
-import { deviceProps, Event, Stream } from "../lib/stream.ts";
+import { deviceProps, Event, Stream, withDevice } from "../lib/stream.ts";
 import { DeviceTensor, HostTensor } from "../lib/tensor.ts";
 import type { DispatchHandle, DispatchResult } from "../lib/backend/types.ts";
 
@@ -36,6 +36,10 @@ const NUM_SMS = flag("sms", 24);
 const WARMUP = 20;
 const RUNS = 49;
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
+// One process: rank r runs on device r % BUN_EP_NUM_GPUS (default 1: every rank on DEVICE). As
+// processes, the launcher sets BUN_EP_DEVICE per rank (--ranks-per-gpu).
+const NUM_GPUS = Math.max(1, Number(process.env.BUN_EP_NUM_GPUS ?? 1));
+const deviceOf = (group: Group): number => (process.env.RANK === undefined && NUM_GPUS > 1 ? group.rank % NUM_GPUS : DEVICE);
 
 /** DeepEP V1 on one H100, 2 or 4 ranks as processes (MPS), 24 SMs per rank: GB/s (issue 5). */
 const DEEPEP: Record<string, number> = {
@@ -47,6 +51,7 @@ const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floo
 
 interface Rank {
   buffer: EpBuffer;
+  device: number;
   stream: Stream; // the rank's compute stream (buffer.stream): where the timing events go
   flush: DeviceTensor<"u8">;
   x: DeviceTensor;
@@ -56,8 +61,9 @@ interface Rank {
 }
 
 async function setup(groups: Group[]): Promise<Rank[]> {
-  const buffers = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes: 1_200_000_000, numSMs: NUM_SMS, timeoutMs: 8000 })));
+  const buffers = await Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: deviceOf(group), numNvlBytes: 1_200_000_000, numSMs: NUM_SMS, timeoutMs: 8000 })));
   return buffers.map((buffer) => {
+    const device = buffer.device as number;
     const rng = makeRng(1234 + buffer.rank);
     const host = randomBf16(rng, [NUM_TOKENS, HIDDEN]);
     const fp8 = new HostTensor("fp8_e4m3", [NUM_TOKENS, HIDDEN]);
@@ -65,8 +71,9 @@ async function setup(groups: Group[]): Promise<Rank[]> {
     const scales = HostTensor.full("f32", [NUM_TOKENS, HIDDEN / 128], 1);
     return {
       buffer,
+      device,
       stream: buffer.stream!,
-      flush: DeviceTensor.empty("u8", [256 << 20], { device: DEVICE, stream: buffer.stream! }),
+      flush: DeviceTensor.empty("u8", [256 << 20], { device, stream: buffer.stream! }),
       x: buffer.fromHost(host) as DeviceTensor,
       xFp8: buffer.fromHost(fp8) as DeviceTensor,
       scales: buffer.fromHost(scales) as DeviceTensor,
@@ -81,7 +88,7 @@ async function timeAll(ranks: Rank[], barrier: () => Promise<void>, op: (r: Rank
   for (let i = 0; i < WARMUP + RUNS; i++) {
     const events = ranks.map((r) => {
       r.flush.fillBytes(i & 0xff, r.stream);
-      return [Event.create({ device: DEVICE, timing: true }), Event.create({ device: DEVICE, timing: true })] as const;
+      return [Event.create({ device: r.device, timing: true }), Event.create({ device: r.device, timing: true })] as const;
     });
     for (const r of ranks) r.stream.synchronize();
     await barrier();
@@ -139,7 +146,7 @@ async function main(): Promise<void> {
   const plainX = new Map<Rank, DeviceTensor>(
     ranks.map((r) => {
       const src = recvX.get(r)!.recvX as DeviceTensor<"bf16">;
-      return [r, DeviceTensor.empty("bf16", src.shape, { device: DEVICE, stream: r.stream }).copyFrom(src, r.stream)];
+      return [r, DeviceTensor.empty("bf16", src.shape, { device: r.device, stream: r.stream }).copyFrom(src, r.stream)];
     }),
   );
   const combinePushMs = await timeAll(ranks, barrier, (r) => r.buffer.combine({ x: plainX.get(r)!, handle: handles.get(r)! }));
@@ -149,16 +156,16 @@ async function main(): Promise<void> {
   // Ceiling: every rank copies its received bf16 bytes at once with a copy kernel (4 blocks per SM).
   const copyMs = await (async () => {
     const bufs = ranks.map((r, k) => ({
-      src: DeviceTensor.empty("u8", [numRecv[k]! * HIDDEN * 2], { device: DEVICE }),
-      dst: DeviceTensor.empty("u8", [numRecv[k]! * HIDDEN * 2], { device: DEVICE }),
-      stream: Stream.create({ device: DEVICE }),
+      src: DeviceTensor.empty("u8", [numRecv[k]! * HIDDEN * 2], { device: r.device }),
+      dst: DeviceTensor.empty("u8", [numRecv[k]! * HIDDEN * 2], { device: r.device }),
+      stream: Stream.create({ device: r.device }),
     }));
     const times = await timeAll(
       ranks.map((r, k) => ({ ...r, stream: bufs[k]!.stream })),
       barrier,
       async (r) => {
         const b = bufs[ranks.findIndex((q) => q.buffer === r.buffer)]!;
-        check(native().bun_ep_debug_copy_bytes(b.dst.ptr, b.src.ptr, b.dst.byteLength, 0, b.stream.handle), "ceiling copy");
+        withDevice(b.stream.device, () => check(native().bun_ep_debug_copy_bytes(b.dst.ptr, b.src.ptr, b.dst.byteLength, 0, b.stream.handle), "ceiling copy"));
       },
     );
     for (const b of bufs) {
@@ -168,7 +175,7 @@ async function main(): Promise<void> {
     return times;
   })();
 
-  const device = deviceProps(DEVICE);
+  const device = deviceProps(ranks[0]!.device);
   const rows: Record<string, unknown>[] = [];
   ranks.forEach((r, k) => {
     const bytesBf16 = numRecv[k]! * HIDDEN * 2;

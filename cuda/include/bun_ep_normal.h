@@ -76,7 +76,7 @@ typedef struct {
   int32_t* workspace;                         /* BUN_EP_NORMAL_WORKSPACE_BYTES of device memory, zeroed */
   int64_t timeoutNs;
   int64_t seq;                                /* this call's number (same on every rank), >= 1 */
-  void* stream;
+  void* stream;                               /* the launch stream (only args[0]'s is used, see below) */
 } bunEpNormalComm_t;
 
 /* getDispatchLayout. Outputs are fully written (no memset needed). */
@@ -167,9 +167,16 @@ BUN_EP_API int64_t bun_ep_normal_staging_rows(int64_t bufferBytes, int64_t hidde
                                               int64_t hasScales, int64_t topk, int64_t hasWeights);
 
 BUN_EP_API bunEpResult_t bun_ep_normal_layout(const bunEpLayoutArgs_t* args);
+/* notify, dispatch and combine take `count` argument structs (1..BUN_EP_NORMAL_MAX_RANKS), one per
+ * rank of the calling process on the current device, all of the same call (same seq), and run them as
+ * ONE kernel launch on args[0].comm.stream: the ranks' kernels wait on each other, and only one grid
+ * guarantees that they all run at once (separate streams share hardware queues, so one rank's kernel
+ * could wait behind another's forever). The caller orders the other ranks' streams around it with
+ * events. The grid (count x blocks per rank) must fit on the device at once, else bunEpInvalidArgument.
+ * Ranks in other processes make their own call. */
 /* Exchange counts with every rank; fills the handle, recvCountPerExpert and the host record. */
-BUN_EP_API bunEpResult_t bun_ep_normal_notify(const bunEpNotifyArgs_t* args);
-BUN_EP_API bunEpResult_t bun_ep_normal_dispatch(const bunEpDispatchArgs_t* args);
-BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs_t* args);
+BUN_EP_API bunEpResult_t bun_ep_normal_notify(const bunEpNotifyArgs_t* args, int64_t count);
+BUN_EP_API bunEpResult_t bun_ep_normal_dispatch(const bunEpDispatchArgs_t* args, int64_t count);
+BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs_t* args, int64_t count);
 
 #endif /* BUN_EP_NORMAL_H */

@@ -56,7 +56,7 @@ __device__ __forceinline__ int64_t channel_begin(int64_t numTokens, int channel,
 }
 
 // ---- notify: one block --------------------------------------------------------------------------
-__global__ void __launch_bounds__(kNotifyThreads) notify_kernel(bunEpNotifyArgs_t a) {
+__device__ __forceinline__ void notify_block(const bunEpNotifyArgs_t& a) {
   extern __shared__ int shared[];
   __shared__ int totals[kMaxRanks];
   __shared__ int proceed;
@@ -238,10 +238,10 @@ __device__ __forceinline__ void copy_layout(PublishedLayout& to, const Published
 // reads is overwritten, and its layout stays put until this rank has signalled it (see the header).
 // Returns false (in every thread) when the buffer aborted.
 __device__ __forceinline__ bool start_call(const bunEpNormalComm_t& comm, int step, const PublishedLayout& mine,
-                                           PublishedLayout* peers) {
+                                           PublishedLayout* peers, int block) {
   __shared__ int proceed;
   const int seq = static_cast<int>(comm.seq);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
+  if (block == 0 && threadIdx.x == 0) {
     *published_layout(buffer_at(comm, comm.rank)) = mine;  // ordered before the flag by the release
     st_release_sys(ready_flag(buffer_at(comm, comm.rank)), seq);
   }
@@ -311,14 +311,13 @@ __device__ __forceinline__ T* field_row(char* buffer, int64_t offset, int64_t ro
 
 // ---- dispatch: one block per channel --------------------------------------------------------------
 template <int kRanks>
-__global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatchArgs_t a, PublishedLayout mine) {
+__device__ __forceinline__ void dispatch_block(const bunEpDispatchArgs_t& a, const PublishedLayout& mine, int channel,
+                                               int numChannels) {
   __shared__ int sendRowBase[kMaxRanks];
   __shared__ PublishedLayout peers[kMaxRanks];
   __shared__ int sourceArrived;
   const bunEpNormalComm_t& comm = a.comm;
   const int me = static_cast<int>(comm.rank);
-  const int channel = blockIdx.x;
-  const int numChannels = gridDim.x;
   const int seq = static_cast<int>(comm.seq);
   const int* info = a.handle;
   const int* homeSlot = a.handle + kInfoInts;
@@ -331,7 +330,7 @@ __global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatch
   char* myBuffer = buffer_at(comm, me);
 
   if (threadIdx.x < kRanks) sendRowBase[threadIdx.x] = info[kInfoSendRowBase + threadIdx.x];
-  const bool proceed = start_call(comm, BUN_EP_NORMAL_STEP_DISPATCH, mine, peers);
+  const bool proceed = start_call(comm, BUN_EP_NORMAL_STEP_DISPATCH, mine, peers, channel);
 
   // Send: one warp per token of this channel, straight into each receiver's final row (its staging
   // area, or its receive tensors when it published a direct layout).
@@ -400,15 +399,17 @@ __global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(bunEpDispatch
       if (row >= a.recvRows || row >= mine.rows) continue;  // numWorstTokens overflow: reported by notify
       int4* dst[1] = {reinterpret_cast<int4*>(static_cast<char*>(a.recvX) + row * xBytes)};
       copy_row_to_many<4, 1, false>(field_row<const int4>(myBuffer, mine.xOffset, mine.xBytes, row), dst, vectorsPerRow);
-      if (a.recvXScales != nullptr) {
+      // Each field only when this rank published it (then its receive tensor exists too).
+      if (mine.scalesOffset >= 0) {
         const float* src = field_row<const float>(myBuffer, mine.scalesOffset, mine.scaleBytes, row);
-        for (int j = lane_id(); j < scalesPerRow; j += 32) a.recvXScales[row * scalesPerRow + j] = src[j];
+        const int recvScales = static_cast<int>(mine.scaleBytes / 4);
+        for (int j = lane_id(); j < recvScales; j += 32) a.recvXScales[row * recvScales + j] = src[j];
       }
-      if (a.recvTopkIdx != nullptr) {
+      if (mine.idxOffset >= 0) {
         const int64_t* src = field_row<const int64_t>(myBuffer, mine.idxOffset, mine.idxBytes, row);
         for (int k = lane_id(); k < topk; k += 32) a.recvTopkIdx[row * topk + k] = src[k];
       }
-      if (a.recvTopkWeights != nullptr) {
+      if (mine.weightsOffset >= 0) {
         const float* src = field_row<const float>(myBuffer, mine.weightsOffset, mine.weightBytes, row);
         for (int k = lane_id(); k < topk; k += 32) a.recvTopkWeights[row * topk + k] = src[k];
       }
@@ -442,7 +443,8 @@ __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
 
 // Push the rows this rank received from each home rank (this block's share) into that home's staging.
 template <int kRanks>
-__device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const StagingLayout& st) {
+__device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const StagingLayout& st, int block,
+                                             int numBlocks) {
   const bunEpNormalComm_t& comm = a.comm;
   const int me = static_cast<int>(comm.rank);
   const int* info = a.handle;
@@ -452,8 +454,8 @@ __device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const 
     const int64_t base = info[kInfoRecvSrcBase + home];
     const int64_t count = info[kInfoRecvSrcCount + home];
     const int64_t destBase = info[kInfoCombineDestBase + home];
-    const int64_t begin = count * blockIdx.x / gridDim.x;
-    const int64_t end = count * (blockIdx.x + 1) / gridDim.x;
+    const int64_t begin = count * block / numBlocks;
+    const int64_t end = count * (block + 1) / numBlocks;
     char* homeBuffer = buffer_at(comm, home);
     for (int64_t j = begin + warp_id(); j < end; j += num_warps()) {
       const int64_t destRow = destBase + j;
@@ -465,7 +467,7 @@ __device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const 
       }
       int4* dst[1] = {reinterpret_cast<int4*>(homeBuffer + st.xOffset + destRow * st.xBytes)};
       copy_row_to_many<4, 1, true>(reinterpret_cast<const int4*>(a.x + (base + j) * a.hidden), dst, st.xBytes / 16);
-      if (a.topkWeights != nullptr) {
+      if (topk > 0) {
         float* w = reinterpret_cast<float*>(homeBuffer + st.weightsOffset + destRow * st.weightBytes);
         for (int k = lane_id(); k < topk; k += 32) w[k] = a.topkWeights[(base + j) * topk + k];
       }
@@ -474,15 +476,13 @@ __device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const 
 }
 
 template <int kRanks>
-__global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineArgs_t a, StagingLayout st,
-                                                                  PublishedLayout mine) {
+__device__ __forceinline__ void combine_block(const bunEpCombineArgs_t& a, const StagingLayout& st,
+                                              const PublishedLayout& mine, int block, int numBlocks) {
   __shared__ int homeBase[kMaxRanks];
   __shared__ int sendRowBase[kMaxRanks];
   __shared__ PublishedLayout peers[kMaxRanks];
   const bunEpNormalComm_t& comm = a.comm;
   const int me = static_cast<int>(comm.rank);
-  const int block = blockIdx.x;
-  const int numBlocks = gridDim.x;
   const int* info = a.handle;
   const int* homeSlot = a.handle + kInfoInts;
   const int64_t vectorsPerRow = st.xBytes / 16;
@@ -493,10 +493,10 @@ __global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineAr
     homeBase[threadIdx.x] = info[kInfoHomeBlockBase + threadIdx.x];
     sendRowBase[threadIdx.x] = info[kInfoSendRowBase + threadIdx.x];
   }
-  if (!start_call(comm, BUN_EP_NORMAL_STEP_COMBINE, mine, peers)) return;
+  if (!start_call(comm, BUN_EP_NORMAL_STEP_COMBINE, mine, peers, block)) return;
 
   // Push (unless this rank lets the home ranks pull), then tell every home this block is done.
-  if (!mine.direct) combine_push<kRanks>(a, st);
+  if (!mine.direct) combine_push<kRanks>(a, st, block, numBlocks);
   signal_peers(comm, [&](int peer) { return combine_done(buffer_at(comm, peer), me, block); });
 
   // Reduce: wait for every (rank, block) of this call, then sum each home token in rank order, each
@@ -565,6 +565,56 @@ __global__ void __launch_bounds__(kDefaultThreads) combine_kernel(bunEpCombineAr
                     [&](int home, int b) { return combine_read(myBuffer, home, b); });
 }
 
+// ---- kernels: one launch runs the same step for every rank of this process on this device ----------
+// Why one launch: the ranks' kernels wait on each other, so all of them must run at once. Launched on
+// separate streams, that holds only by luck: streams share a few hardware queues (fewer still under
+// MPS), and a rank's kernel can sit in a queue behind a peer's spinning kernel or behind a stream
+// wait on it, and never start. One grid with every local rank's blocks has no such order between
+// them; the host sizes it so that all blocks are resident at once (see lib/backend/cuda.ts, LaunchBatch).
+// Ranks in other processes or on other devices run their own launch; nothing on their queues waits on
+// this launch before it was made, so they cannot be blocked behind it.
+// Entry i of a batch is the i-th local rank's arguments; block b serves entry b / blocksPerRank.
+struct NotifyBatch {
+  bunEpNotifyArgs_t entries[kMaxRanks];
+};
+struct DispatchEntry {
+  bunEpDispatchArgs_t args;
+  PublishedLayout mine;
+};
+struct DispatchBatch {
+  DispatchEntry entries[kMaxRanks];
+  int64_t blocksPerRank;
+};
+struct CombineEntry {
+  bunEpCombineArgs_t args;
+  StagingLayout st;
+  PublishedLayout mine;
+};
+struct CombineBatch {
+  CombineEntry entries[kMaxRanks];
+  int64_t blocksPerRank;
+};
+static_assert(sizeof(CombineBatch) <= 4096 && sizeof(DispatchBatch) <= 4096 && sizeof(NotifyBatch) <= 4096,
+              "a batch must fit the 4 KiB kernel parameter space");
+
+__global__ void __launch_bounds__(kNotifyThreads) notify_kernel(const __grid_constant__ NotifyBatch batch) {
+  notify_block(batch.entries[blockIdx.x]);
+}
+
+template <int kRanks>
+__global__ void __launch_bounds__(kDefaultThreads) dispatch_kernel(const __grid_constant__ DispatchBatch batch) {
+  const int blocksPerRank = static_cast<int>(batch.blocksPerRank);
+  const DispatchEntry& e = batch.entries[blockIdx.x / blocksPerRank];
+  dispatch_block<kRanks>(e.args, e.mine, static_cast<int>(blockIdx.x) % blocksPerRank, blocksPerRank);
+}
+
+template <int kRanks>
+__global__ void __launch_bounds__(kDefaultThreads) combine_kernel(const __grid_constant__ CombineBatch batch) {
+  const int blocksPerRank = static_cast<int>(batch.blocksPerRank);
+  const CombineEntry& e = batch.entries[blockIdx.x / blocksPerRank];
+  combine_block<kRanks>(e.args, e.st, e.mine, static_cast<int>(blockIdx.x) % blocksPerRank, blocksPerRank);
+}
+
 // ---- host side -------------------------------------------------------------------------------------
 bunEpResult_t check_comm(const bunEpNormalComm_t& comm, const char* what) {
   BUN_EP_REQUIRE(comm.numRanks >= 1 && comm.numRanks <= kMaxRanks, "%s: numRanks must be in [1, %d], got %lld", what,
@@ -606,19 +656,24 @@ bunEpResult_t launch_for_ranks(int numRanks, Args&&... args) {
 
 // The layout this rank publishes for a dispatch: its staging area, or its receive tensors (direct).
 bunEpResult_t dispatch_layout(const bunEpDispatchArgs_t& a, PublishedLayout& out) {
+  // Which fields this rank receives follows from its own receive tensors, never from its own inputs:
+  // a rank with 0 tokens has a NULL topkIdx (0-byte tensor) yet receives rows with indices. (Deriving
+  // the index stride from its inputs made it 0 there, so every sender wrote every row's indices and
+  // weights over row 0.)
   const bool fp8 = a.elementBytes == 1;
-  const bool routed = a.topkIdx != nullptr;
+  const bool receivesIdx = a.recvTopkIdx != nullptr && a.topk > 0;
+  const bool receivesWeights = a.recvTopkWeights != nullptr && a.topk > 0;
   out = PublishedLayout{};
   out.xBytes = a.hidden * a.elementBytes;
   out.scaleBytes = fp8 ? (a.hidden / 128) * 4 : 0;
-  out.idxBytes = routed ? a.topk * 8 : 0;
-  out.weightBytes = routed ? a.topk * 4 : 0;
+  out.idxBytes = receivesIdx ? a.topk * 8 : 0;
+  out.weightBytes = receivesWeights ? a.topk * 4 : 0;
   if (!a.recvDirect) {
     const StagingLayout st = staging_layout(a.comm.bufferBytes, out.xBytes, out.scaleBytes, out.idxBytes, out.weightBytes);
     out.xOffset = st.xOffset;
     out.scalesOffset = fp8 ? st.scalesOffset : -1;
-    out.idxOffset = routed ? st.idxOffset : -1;
-    out.weightsOffset = routed ? st.weightsOffset : -1;
+    out.idxOffset = receivesIdx ? st.idxOffset : -1;
+    out.weightsOffset = receivesWeights ? st.weightsOffset : -1;
     out.rows = st.rows;
     out.direct = 0;
     return bunEpSuccess;
@@ -634,9 +689,9 @@ bunEpResult_t dispatch_layout(const bunEpDispatchArgs_t& a, PublishedLayout& out
     return bunEpSuccess;
   };
   BUN_EP_TRY(offsetOf(a.recvX, "recvX", out.xOffset));
-  BUN_EP_TRY(offsetOf(a.recvXScales, "recvXScales", out.scalesOffset));
-  BUN_EP_TRY(offsetOf(a.recvTopkIdx, "recvTopkIdx", out.idxOffset));
-  BUN_EP_TRY(offsetOf(a.recvTopkWeights, "recvTopkWeights", out.weightsOffset));
+  BUN_EP_TRY(offsetOf(fp8 ? a.recvXScales : nullptr, "recvXScales", out.scalesOffset));
+  BUN_EP_TRY(offsetOf(receivesIdx ? a.recvTopkIdx : nullptr, "recvTopkIdx", out.idxOffset));
+  BUN_EP_TRY(offsetOf(receivesWeights ? a.recvTopkWeights : nullptr, "recvTopkWeights", out.weightsOffset));
   out.rows = a.recvRows;
   out.direct = 1;
   return bunEpSuccess;
@@ -648,7 +703,7 @@ bunEpResult_t combine_layout(const bunEpCombineArgs_t& a, PublishedLayout& out) 
   out = PublishedLayout{};
   out.xOffset = out.scalesOffset = out.idxOffset = out.weightsOffset = -1;
   out.xBytes = a.hidden * 2;
-  out.weightBytes = a.topkWeights != nullptr ? a.topk * 4 : 0;
+  out.weightBytes = a.topk * 4;
   if (!a.xDirect) return bunEpSuccess;
   const char* base = static_cast<const char*>(a.comm.peerBuffers[a.comm.rank]);
   out.xOffset = reinterpret_cast<const char*>(a.x) - base;
@@ -666,11 +721,27 @@ bunEpResult_t combine_layout(const bunEpCombineArgs_t& a, PublishedLayout& out) 
   return bunEpSuccess;
 }
 
+// Blocks of one kernel that can be resident at once on the current device: every block of a batch
+// spins until the others have run, so a batch that does not fit would wait forever.
+template <typename Kernel>
+bunEpResult_t check_resident(Kernel kernel, int threads, size_t sharedBytes, int64_t blocks, const char* what) {
+  int device = 0, numSMs = 0, perSM = 0;
+  BUN_EP_CUDA_CHECK(cudaGetDevice(&device));
+  BUN_EP_CUDA_CHECK(cudaDeviceGetAttribute(&numSMs, cudaDevAttrMultiProcessorCount, device));
+  BUN_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSM, kernel, threads, sharedBytes));
+  BUN_EP_REQUIRE(blocks <= int64_t(perSM) * numSMs,
+                 "%s: %lld blocks (numSMs x ranks of this process on device %d) cannot all run at once there "
+                 "(at most %d per SM x %d SMs); lower config.numSMs",
+                 what, (long long)blocks, device, perSM, numSMs);
+  return bunEpSuccess;
+}
+
 template <int kRanks>
 struct DispatchLauncher {
-  static bunEpResult_t run(const bunEpDispatchArgs_t& a, const PublishedLayout& mine) {
-    dispatch_kernel<kRanks><<<static_cast<int>(a.numChannels), threads_of(a.threadsPerBlock), 0,
-                              static_cast<cudaStream_t>(a.comm.stream)>>>(a, mine);
+  static bunEpResult_t run(const DispatchBatch& batch, int64_t count, int threads, cudaStream_t stream) {
+    const int64_t blocks = count * batch.blocksPerRank;
+    BUN_EP_TRY(check_resident(dispatch_kernel<kRanks>, threads, 0, blocks, "dispatch"));
+    dispatch_kernel<kRanks><<<static_cast<int>(blocks), threads, 0, stream>>>(batch);
     BUN_EP_LAUNCH_CHECK();
     return bunEpSuccess;
   }
@@ -678,13 +749,36 @@ struct DispatchLauncher {
 
 template <int kRanks>
 struct CombineLauncher {
-  static bunEpResult_t run(const bunEpCombineArgs_t& a, const StagingLayout& st, const PublishedLayout& mine) {
-    combine_kernel<kRanks><<<static_cast<int>(a.numBlocks), threads_of(a.threadsPerBlock), 0,
-                             static_cast<cudaStream_t>(a.comm.stream)>>>(a, st, mine);
+  static bunEpResult_t run(const CombineBatch& batch, int64_t count, int threads, cudaStream_t stream) {
+    const int64_t blocks = count * batch.blocksPerRank;
+    BUN_EP_TRY(check_resident(combine_kernel<kRanks>, threads, 0, blocks, "combine"));
+    combine_kernel<kRanks><<<static_cast<int>(blocks), threads, 0, stream>>>(batch);
     BUN_EP_LAUNCH_CHECK();
     return bunEpSuccess;
   }
 };
+
+// The entries of one batch must be distinct ranks of one group that agree on the grid.
+bunEpResult_t check_batch_entry(const bunEpNormalComm_t& first, const bunEpNormalComm_t& comm, int64_t index,
+                                int64_t blocks, int64_t firstBlocks, int64_t threads, int64_t firstThreads,
+                                const char* what) {
+  BUN_EP_REQUIRE(comm.numRanks == first.numRanks && comm.seq == first.seq,
+                 "%s: batch entry %lld has numRanks %lld and seq %lld, entry 0 has %lld and %lld", what,
+                 (long long)index, (long long)comm.numRanks, (long long)comm.seq, (long long)first.numRanks,
+                 (long long)first.seq);
+  BUN_EP_REQUIRE(blocks == firstBlocks && threads == firstThreads,
+                 "%s: every rank must use the same numSMs and threads; batch entry %lld (rank %lld) has %lld and %lld, "
+                 "entry 0 has %lld and %lld",
+                 what, (long long)index, (long long)comm.rank, (long long)blocks, (long long)threads,
+                 (long long)firstBlocks, (long long)firstThreads);
+  return bunEpSuccess;
+}
+
+bunEpResult_t check_count(int64_t count, const char* what) {
+  BUN_EP_REQUIRE(count >= 1 && count <= kMaxRanks, "%s: count must be in [1, %d], got %lld", what, kMaxRanks,
+                 (long long)count);
+  return bunEpSuccess;
+}
 
 }  // namespace
 }  // namespace normal
@@ -717,9 +811,8 @@ extern "C" BUN_EP_API int64_t bun_ep_normal_staging_rows(int64_t bufferBytes, in
       .rows;
 }
 
-extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_notify(const bunEpNotifyArgs_t* args) {
-  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_notify: args is NULL");
-  const bunEpNotifyArgs_t& a = *args;
+namespace {
+bunEpResult_t check_notify(const bunEpNotifyArgs_t& a, size_t& sharedBytes) {
   BUN_EP_TRY(check_comm(a.comm, "notify"));
   BUN_EP_REQUIRE(a.numExperts % a.comm.numRanks == 0 && a.numExperts >= a.comm.numRanks,
                  "notify: numExperts (%lld) must be a positive multiple of numRanks (%lld)", (long long)a.numExperts,
@@ -734,17 +827,33 @@ extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_notify(const bunEpNotifyArgs_t
   BUN_EP_REQUIRE(a.expertAlignment >= 1, "notify: expertAlignment must be >= 1, got %lld", (long long)a.expertAlignment);
   BUN_EP_REQUIRE(a.handle != nullptr && a.recvCountPerExpert != nullptr, "notify: handle and recvCountPerExpert are required");
   BUN_EP_REQUIRE(a.numTokens == 0 || a.topkIdx != nullptr, "notify: topkIdx is NULL");
-  const size_t sharedBytes = sizeof(int) * (a.numExperts + 2 * a.numChannels * a.comm.numRanks);
+  sharedBytes = sizeof(int) * (a.numExperts + 2 * a.numChannels * a.comm.numRanks);
   BUN_EP_REQUIRE(sharedBytes <= 48 * 1024, "notify: numExperts (%lld) too large for one block's shared memory",
                  (long long)a.numExperts);
-  notify_kernel<<<1, kNotifyThreads, sharedBytes, static_cast<cudaStream_t>(a.comm.stream)>>>(a);
+  return bunEpSuccess;
+}
+}  // namespace
+
+extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_notify(const bunEpNotifyArgs_t* args, int64_t count) {
+  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_notify: args is NULL");
+  BUN_EP_TRY(check_count(count, "notify"));
+  NotifyBatch batch{};
+  size_t sharedBytes = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    size_t entryShared = 0;
+    BUN_EP_TRY(check_notify(args[i], entryShared));
+    BUN_EP_TRY(check_batch_entry(args[0].comm, args[i].comm, i, args[i].numChannels, args[0].numChannels, 0, 0, "notify"));
+    sharedBytes = entryShared > sharedBytes ? entryShared : sharedBytes;
+    batch.entries[i] = args[i];
+  }
+  BUN_EP_TRY(check_resident(notify_kernel, kNotifyThreads, sharedBytes, count, "notify"));
+  notify_kernel<<<static_cast<int>(count), kNotifyThreads, sharedBytes, static_cast<cudaStream_t>(args[0].comm.stream)>>>(batch);
   BUN_EP_LAUNCH_CHECK();
   return bunEpSuccess;
 }
 
-extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_dispatch(const bunEpDispatchArgs_t* args) {
-  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_dispatch: args is NULL");
-  const bunEpDispatchArgs_t& a = *args;
+namespace {
+bunEpResult_t check_dispatch(const bunEpDispatchArgs_t& a) {
   BUN_EP_TRY(check_comm(a.comm, "dispatch"));
   BUN_EP_REQUIRE(a.elementBytes == 1 || a.elementBytes == 2, "dispatch: elementBytes must be 1 or 2, got %lld",
                  (long long)a.elementBytes);
@@ -760,14 +869,30 @@ extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_dispatch(const bunEpDispatchAr
   BUN_EP_REQUIRE(a.topk >= 0 && a.topk <= 64, "dispatch: topk must be in [0, 64], got %lld", (long long)a.topk);
   BUN_EP_REQUIRE(a.recvDirect == 0 || a.recvDirect == 1, "dispatch: recvDirect must be 0 or 1, got %lld",
                  (long long)a.recvDirect);
-  PublishedLayout mine;
-  BUN_EP_TRY(dispatch_layout(a, mine));
-  return launch_for_ranks<DispatchLauncher>(static_cast<int>(a.comm.numRanks), a, mine);
+  return bunEpSuccess;
+}
+}  // namespace
+
+extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_dispatch(const bunEpDispatchArgs_t* args, int64_t count) {
+  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_dispatch: args is NULL");
+  BUN_EP_TRY(check_count(count, "dispatch"));
+  DispatchBatch batch{};
+  batch.blocksPerRank = args[0].numChannels;
+  for (int64_t i = 0; i < count; ++i) {
+    BUN_EP_TRY(check_dispatch(args[i]));
+    BUN_EP_TRY(check_batch_entry(args[0].comm, args[i].comm, i, args[i].numChannels, args[0].numChannels,
+                                 threads_of(args[i].threadsPerBlock), threads_of(args[0].threadsPerBlock), "dispatch"));
+    batch.entries[i].args = args[i];
+    BUN_EP_TRY(dispatch_layout(args[i], batch.entries[i].mine));
+  }
+  return launch_for_ranks<DispatchLauncher>(static_cast<int>(args[0].comm.numRanks), batch, count,
+                                            threads_of(args[0].threadsPerBlock),
+                                            static_cast<cudaStream_t>(args[0].comm.stream));
 }
 
-extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs_t* args) {
-  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_combine: args is NULL");
-  const bunEpCombineArgs_t& a = *args;
+
+namespace {
+bunEpResult_t check_combine(const bunEpCombineArgs_t& a) {
   BUN_EP_TRY(check_comm(a.comm, "combine"));
   BUN_EP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0, "combine: hidden must be a positive multiple of 8, got %lld",
                  (long long)a.hidden);
@@ -777,8 +902,27 @@ extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs
   BUN_EP_REQUIRE(a.bias1 == nullptr || a.bias0 != nullptr, "combine: bias1 given without bias0");
   BUN_EP_REQUIRE(a.topk >= 0 && a.topk <= 64, "combine: topk must be in [0, 64], got %lld", (long long)a.topk);
   BUN_EP_REQUIRE(a.xDirect == 0 || a.xDirect == 1, "combine: xDirect must be 0 or 1, got %lld", (long long)a.xDirect);
-  const StagingLayout st = staging_layout(a.comm.bufferBytes, a.hidden * 2, 0, 0, a.topkWeights != nullptr ? a.topk * 4 : 0);
-  PublishedLayout mine;
-  BUN_EP_TRY(combine_layout(a, mine));
-  return launch_for_ranks<CombineLauncher>(static_cast<int>(a.comm.numRanks), a, st, mine);
+  return bunEpSuccess;
+}
+}  // namespace
+
+extern "C" BUN_EP_API bunEpResult_t bun_ep_normal_combine(const bunEpCombineArgs_t* args, int64_t count) {
+  BUN_EP_REQUIRE(args != nullptr, "bun_ep_normal_combine: args is NULL");
+  BUN_EP_TRY(check_count(count, "combine"));
+  CombineBatch batch{};
+  batch.blocksPerRank = args[0].numBlocks;
+  for (int64_t i = 0; i < count; ++i) {
+    const bunEpCombineArgs_t& a = args[i];
+    BUN_EP_TRY(check_combine(a));
+    BUN_EP_TRY(check_batch_entry(args[0].comm, a.comm, i, a.numBlocks, args[0].numBlocks, threads_of(a.threadsPerBlock),
+                                 threads_of(args[0].threadsPerBlock), "combine"));
+    batch.entries[i].args = a;
+    // topk > 0 means "with weights" on every rank alike, even on one whose input has 0 rows (a NULL
+    // pointer): pushers and the home rank must compute the same staging layout.
+    batch.entries[i].st = staging_layout(a.comm.bufferBytes, a.hidden * 2, 0, 0, a.topk * 4);
+    BUN_EP_TRY(combine_layout(a, batch.entries[i].mine));
+  }
+  return launch_for_ranks<CombineLauncher>(static_cast<int>(args[0].comm.numRanks), batch, count,
+                                           threads_of(args[0].threadsPerBlock),
+                                           static_cast<cudaStream_t>(args[0].comm.stream));
 }

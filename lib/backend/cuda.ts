@@ -15,8 +15,10 @@
 // takes the next `seq` (same on every rank because every rank makes the same calls in the same
 // order); the kernels' flags carry it, so nothing is ever reset between calls.
 //
-// dispatch() launches its notify step before its first `await`, so one process driving several
-// ranks issues every rank's launches first and then awaits them together.
+// dispatch() submits its notify step before its first `await`, so one process driving several
+// ranks issues every rank's calls first and then awaits them together. The ranks of one process on
+// one device run each normal kernel as ONE launch (class LaunchBatch): it starts when the last of
+// them has submitted, so no rank's kernel can be stuck in a hardware queue behind another's.
 
 import { BunEpError, check, native, Status } from "../ffi.ts";
 import {
@@ -197,6 +199,144 @@ class Arena {
   }
 }
 
+type NormalKernel = "notify" | "dispatch" | "combine";
+
+interface PendingLaunch {
+  kind: NormalKernel;
+  structs: Map<number, BigInt64Array>;
+  /** Each non-leading rank's comm stream position when it submitted. */
+  events: Map<number, Event>;
+  waiters: { rank: number; resolve: () => void; reject: (err: Error) => void }[];
+  timer: ReturnType<typeof setTimeout>;
+}
+
+/**
+ * Runs each notify/dispatch/combine of the ranks of this process on one device (of one group) as ONE
+ * kernel launch. Why: those kernels wait on each other, so every rank's must run at once. As separate
+ * launches on separate streams that held only by luck: streams share a few hardware queues (fewer
+ * under MPS), so a rank's kernel could queue behind a peer's spinning kernel, or behind a compute
+ * stream's wait on it, and never start (batch 2: 3+ ranks in one process timed out at their first
+ * dispatch). Now no command of this process can wait on a normal kernel that is not yet launched, and
+ * a launched one needs nothing else of this process to make progress: its peers are in the same grid
+ * (sized to be resident at once, checked natively) or in other processes / on other devices.
+ *
+ * Each rank submits its argument struct for call `seq`; the last to arrive launches for all on the
+ * first rank's comm stream, after the others' comm streams (events), and the others' comm streams
+ * then wait for it. One rank alone launches at once, synchronously. A rank that never submits fails
+ * the others after timeoutMs, naming it.
+ */
+class LaunchBatch {
+  static readonly #byKey = new Map<string, LaunchBatch>();
+  readonly key: string;
+  readonly device: number;
+  /** Group ranks of this batch, ascending: entry i of the native call is ranks[i]. */
+  readonly ranks: readonly number[];
+  readonly #streams = new Map<number, Stream>();
+  readonly #pending = new Map<number, PendingLaunch>();
+
+  private constructor(key: string, device: number, ranks: readonly number[]) {
+    this.key = key;
+    this.device = device;
+    this.ranks = ranks;
+  }
+
+  /** The batch of `ranks` (this process, this device); every member calls it with the same key. */
+  static join(key: string, device: number, ranks: readonly number[], rank: number, commStream: Stream): LaunchBatch {
+    let batch = LaunchBatch.#byKey.get(key);
+    if (batch === undefined) {
+      batch = new LaunchBatch(key, device, ranks);
+      LaunchBatch.#byKey.set(key, batch);
+    }
+    batch.#streams.set(rank, commStream);
+    return batch;
+  }
+
+  leave(rank: number): void {
+    this.#streams.delete(rank);
+    if (this.#streams.size === 0 && LaunchBatch.#byKey.get(this.key) === this) LaunchBatch.#byKey.delete(this.key);
+  }
+
+  submit(rank: number, seq: number, kind: NormalKernel, struct: BigInt64Array, timeoutMs: number): Promise<void> {
+    if (this.ranks.length === 1) {
+      try {
+        this.#run(kind, seq, struct);
+        return Promise.resolve();
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    let pending = this.#pending.get(seq);
+    if (pending === undefined) {
+      const created: PendingLaunch = {
+        kind,
+        structs: new Map(),
+        events: new Map(),
+        waiters: [],
+        timer: setTimeout(() => this.#expire(seq, created, timeoutMs), timeoutMs),
+      };
+      pending = created;
+      this.#pending.set(seq, pending);
+    }
+    if (pending.kind !== kind || pending.structs.has(rank)) {
+      return Promise.reject(new Error(`internal: rank ${rank} submitted ${kind} for call ${seq}, which is a ${pending.kind} already submitted by ranks [${[...pending.structs.keys()]}]`));
+    }
+    const stream = this.#streams.get(rank);
+    if (stream === undefined) return Promise.reject(new Error(`internal: rank ${rank} is not in this launch batch`));
+    if (rank !== this.ranks[0]) pending.events.set(rank, Event.create({ device: this.device }).record(stream));
+    pending.structs.set(rank, struct);
+    const done = new Promise<void>((resolve, reject) => pending.waiters.push({ rank, resolve, reject }));
+    if (pending.structs.size === this.ranks.length) this.#launch(seq, pending);
+    return done;
+  }
+
+  #launch(seq: number, pending: PendingLaunch): void {
+    clearTimeout(pending.timer);
+    this.#pending.delete(seq);
+    try {
+      const lead = this.#streams.get(this.ranks[0]!)!;
+      for (const event of pending.events.values()) event.waitOn(lead);
+      const fields = pending.structs.get(this.ranks[0]!)!.length;
+      const data = new BigInt64Array(fields * this.ranks.length);
+      this.ranks.forEach((r, i) => data.set(pending.structs.get(r)!, i * fields));
+      this.#run(pending.kind, seq, data);
+      if (this.ranks.length > 1) {
+        const finished = Event.create({ device: this.device }).record(lead);
+        for (const r of this.ranks.slice(1)) finished.waitOn(this.#streams.get(r)!);
+        finished.close();
+      }
+      for (const w of pending.waiters) w.resolve();
+    } catch (err) {
+      for (const w of pending.waiters) w.reject(err as Error);
+    } finally {
+      for (const event of pending.events.values()) event.close();
+    }
+  }
+
+  /** One native launch of `data` (one struct per rank of this batch) on the first rank's comm stream. */
+  #run(kind: NormalKernel, seq: number, data: BigInt64Array): void {
+    const lib = native();
+    const launch = kind === "notify" ? lib.bun_ep_normal_notify : kind === "dispatch" ? lib.bun_ep_normal_dispatch : lib.bun_ep_normal_combine;
+    withDevice(this.device, () => check(launch(data, this.ranks.length), `rank${this.ranks.length > 1 ? "s" : ""} ${this.ranks.join(", ")}: ${kind} (call ${seq})`));
+  }
+
+  #expire(seq: number, pending: PendingLaunch, timeoutMs: number): void {
+    if (this.#pending.get(seq) !== pending) return;
+    this.#pending.delete(seq);
+    for (const event of pending.events.values()) event.close();
+    const missing = this.ranks.filter((r) => !pending.structs.has(r));
+    for (const w of pending.waiters) {
+      w.reject(
+        new BunEpError(
+          Status.Timeout,
+          `rank ${w.rank} EpBuffer`,
+          `rank ${w.rank}: ${pending.kind} timed out after ${timeoutMs} ms waiting for rank ${missing.join(", rank ")}, which never ` +
+            `made the call (call ${seq}; ranks of one process must each make every call); this EpBuffer is unusable now, create a new one`,
+        ),
+      );
+    }
+  }
+}
+
 /** Short synchronous spin, then yield to the event loop between polls. */
 async function pollUntil(done: () => boolean, timeoutMs: number): Promise<boolean> {
   const spinEnd = performance.now() + 0.05;
@@ -240,6 +380,8 @@ class CudaBackend implements Backend {
   readonly #record: PinnedTensor<"i32">;
   readonly #workspace: DeviceTensor<"u8">;
   readonly #lowLatency: LowLatencyEngineLike | null;
+  /** The ranks of this process on this device, whose normal kernels run as one launch. */
+  readonly #batch: LaunchBatch | null;
   /** Ordering helper: the comm stream waits on the compute stream when no previousEvent. */
   readonly #orderEvent: Event;
   #seq = 0;
@@ -256,8 +398,10 @@ class CudaBackend implements Backend {
     lowLatency: LowLatencyEngineLike | null,
     computeStream: Stream,
     ownsComputeStream: boolean,
+    batch: LaunchBatch | null,
   ) {
     this.#init = init;
+    this.#batch = batch;
     this.computeStream = computeStream;
     this.#ownsComputeStream = ownsComputeStream;
     const usable = Math.max(0, init.numNvlBytes - NORMAL_CONTROL_BYTES);
@@ -291,9 +435,17 @@ class CudaBackend implements Backend {
     commStream.synchronize();
     let buffer: PeerBuffer | null = null;
     let peers: PeerPointers | null = null;
+    let batch: LaunchBatch | null = null;
     if (init.numNvlBytes > 0) {
       buffer = PeerBuffer.allocate(device, init.numNvlBytes);
       peers = await exchangePeerPointers(group, buffer.ptr, device);
+      // The ranks of this process on this device share one launch per normal kernel (LaunchBatch).
+      const devices = (await group.allGather(new Uint8Array(new Int32Array([device]).buffer))).map((b) =>
+        new DataView(b.buffer, b.byteOffset, b.byteLength).getInt32(0, true),
+      );
+      const local = devices.flatMap((d, r) => (d === device && peers!.sameProcess[r] === true ? [r] : []));
+      const key = `${device}:${local.map((r) => peers!.ptrs[r]).join(",")}`;
+      batch = LaunchBatch.join(key, device, local, group.rank, commStream);
       // Every rank's buffer is zeroed before anyone's first kernel can touch it.
       await group.barrier();
     }
@@ -308,7 +460,7 @@ class CudaBackend implements Backend {
       }
       lowLatency = await module.LowLatencyEngine.create({ init, commStream: commStream.handle });
     }
-    return new CudaBackend(init, commStream, buffer, peers, record, workspace, lowLatency, computeStream, ownsComputeStream);
+    return new CudaBackend(init, commStream, buffer, peers, record, workspace, lowLatency, computeStream, ownsComputeStream, batch);
   }
 
   get closed(): boolean {
@@ -395,6 +547,14 @@ class CudaBackend implements Backend {
       .put(this.commStream.handle);
   }
 
+  /** Launch (with the other ranks of this process on this device) `kind` of call `seq`; a failure makes the buffer unusable. */
+  #submit(kind: NormalKernel, seq: number, struct: BigInt64Array): Promise<void> {
+    return this.#batch!.submit(this.rank, seq, kind, struct, this.#init.timeoutMs).catch((err: unknown) => {
+      this.#unusable ??= err as Error;
+      throw err;
+    });
+  }
+
   // ---- layout ------------------------------------------------------------------------------------
 
   getDispatchLayout(topkIdx: Tensor, numExperts: number, previousEvent: EventLike | null, asyncFinish: boolean): DispatchLayout {
@@ -408,7 +568,7 @@ class CudaBackend implements Backend {
     const w = new StructWriter(11);
     w.put(ptrOf(topkIdx)).put(numTokensPerRank.ptr).put(numTokensPerExpert.ptr).put(isTokenInRank.ptr);
     w.put(numTokens).put(topk).put(numExperts).put(this.numRanks).put(this.rank).put(this.#record.devicePtr).put(this.commStream.handle);
-    check(native().bun_ep_normal_layout(w.done()), `rank ${this.rank}: getDispatchLayout`);
+    withDevice(this.device, () => check(native().bun_ep_normal_layout(w.done()), `rank ${this.rank}: getDispatchLayout`));
     return { numTokensPerRank, numTokensPerRdmaRank: null, numTokensPerExpert, isTokenInRank, event: this.#finish(asyncFinish) };
   }
 
@@ -419,7 +579,7 @@ class CudaBackend implements Backend {
     try {
       this.#requireNormal("dispatch");
       this.#waitBefore(args.previousEvent);
-      if (args.handle !== null) return Promise.resolve(this.#cachedDispatch(args, args.handle));
+      if (args.handle !== null) return this.#cachedDispatch(args, args.handle);
       return this.#freshDispatch(args);
     } catch (err) {
       return Promise.reject(err);
@@ -465,15 +625,16 @@ class CudaBackend implements Backend {
     this.#putComm(w, notifySeq);
     w.put(ptrOf(topkIdx)).put(handleMem.ptr).put(recvCountPerExpert.ptr).put(numTokens).put(topk).put(numExperts);
     w.put(numChannels).put(args.expertAlignment).put(args.numWorstTokens).put(stagingRows);
-    check(native().bun_ep_normal_notify(w.done()), `rank ${this.rank}: dispatch (notify)`);
+    const notifyLaunched = this.#submit("notify", notifySeq, w.done());
     const data: CudaHandleData = { handleMem, recvCountPerExpert, numChannels, numExperts, topk, xDType: fp8 ? "fp8_e4m3" : "bf16" };
 
-    const launchData = (numRecvTokens: number | null, numRecvRows: number, perExpert: number[] | null): DispatchResult => {
+    // Everything on the comm stream that depends on the kernels is enqueued once they are launched
+    // (for a rank that is not first in its LaunchBatch, they run on another stream, then this one waits).
+    const launchData = (numRecvTokens: number | null, numRecvRows: number, perExpert: number[] | null): Promise<DispatchResult> => {
       const out = this.#recvTensors(x.dtype as "bf16" | "fp8_e4m3", numRecvRows, hidden, topk, args.topkWeights !== null);
       const { recvX, recvXScales, recvTopkIdx, recvTopkWeights } = out;
-      this.#launchDispatch(args, data, numRecvRows, out);
-      const handle = this.#makeHandle(data, numTokens, hidden, numRecvTokens, numRecvRows);
-      return {
+      const launched = this.#launchDispatch(args, data, numRecvRows, out);
+      return Promise.all([notifyLaunched, launched]).then(() => ({
         recvX,
         recvXScales,
         recvTopkIdx,
@@ -481,13 +642,14 @@ class CudaBackend implements Backend {
         numRecvTokensPerExpert: perExpert,
         recvCountPerExpert: this.#copyOf(recvCountPerExpert),
         numRecvTokens,
-        handle,
+        handle: this.#makeHandle(data, numTokens, hidden, numRecvTokens, numRecvRows),
         event: this.#finish(args.asyncFinish),
-      };
+      }));
     };
 
-    if (args.numWorstTokens > 0) return Promise.resolve(launchData(null, args.numWorstTokens, null));
-    return this.#awaitNotify(notifySeq).then(() => {
+    // numWorstTokens: the data step is submitted right away (no host wait); it launches after notify.
+    if (args.numWorstTokens > 0) return launchData(null, args.numWorstTokens, null);
+    return notifyLaunched.then(() => this.#awaitNotify(notifySeq)).then(() => {
       const rec = this.#record.data;
       const numRecv = rec[Rec.numRecv]!;
       const maxRecv = rec[Rec.maxRecv]!;
@@ -556,7 +718,7 @@ class CudaBackend implements Backend {
     return out;
   }
 
-  #launchDispatch(args: DispatchArgs, data: CudaHandleData, recvRows: number, out: RecvTensors): void {
+  #launchDispatch(args: DispatchArgs, data: CudaHandleData, recvRows: number, out: RecvTensors): Promise<void> {
     const x = args.x;
     const fp8 = x.dtype === "fp8_e4m3";
     const seq = ++this.#seq;
@@ -566,10 +728,10 @@ class CudaBackend implements Backend {
     w.put(out.recvX.ptr).put(ptrOf(out.recvXScales)).put(ptrOf(out.recvTopkIdx)).put(ptrOf(out.recvTopkWeights));
     w.put(x.shape[0]!).put(x.shape[1]!).put(fp8 ? 1 : 2).put(args.topkIdx !== null ? data.topk : 0).put(data.numExperts);
     w.put(data.numChannels).put(recvRows).put(0).put(out.direct ? 1 : 0);
-    check(native().bun_ep_normal_dispatch(w.done()), `rank ${this.rank}: dispatch`);
+    return this.#submit("dispatch", seq, w.done());
   }
 
-  #cachedDispatch(args: DispatchArgs, handle: DispatchHandle): DispatchResult {
+  #cachedDispatch(args: DispatchArgs, handle: DispatchHandle): Promise<DispatchResult> {
     const data = handle.data as CudaHandleData;
     const x = args.x;
     const fp8 = x.dtype === "fp8_e4m3";
@@ -580,8 +742,7 @@ class CudaBackend implements Backend {
     }
     const out = this.#recvTensors(x.dtype as "bf16" | "fp8_e4m3", handle.numRecvRows, hidden, 0, false);
     const { recvX, recvXScales } = out;
-    this.#launchDispatch({ ...args, topkIdx: null, topkWeights: null }, data, handle.numRecvRows, out);
-    return {
+    return this.#launchDispatch({ ...args, topkIdx: null, topkWeights: null }, data, handle.numRecvRows, out).then(() => ({
       recvX,
       recvXScales,
       recvTopkIdx: null,
@@ -591,7 +752,7 @@ class CudaBackend implements Backend {
       numRecvTokens: handle.numRecvTokens,
       handle,
       event: this.#finish(args.asyncFinish),
-    };
+    }));
   }
 
   #copyOf(t: DeviceTensor<"i32">): DeviceTensor<"i32"> {
@@ -631,7 +792,7 @@ class CudaBackend implements Backend {
     this.#putComm(w, seq);
     w.put(data.handleMem.ptr).put(ptrOf(args.x)).put(ptrOf(args.topkWeights)).put(ptrOf(args.biases[0])).put(ptrOf(args.biases[1]));
     w.put(combinedX.ptr).put(ptrOf(combinedTopkWeights)).put(numTokens).put(hidden).put(topk).put(numBlocks).put(0).put(xDirect ? 1 : 0);
-    check(native().bun_ep_normal_combine(w.done()), `rank ${this.rank}: combine`);
+    await this.#submit("combine", seq, w.done());
     return { combinedX, combinedTopkWeights, event: this.#finish(args.asyncFinish) };
   }
 
@@ -742,6 +903,7 @@ class CudaBackend implements Backend {
       this.commStream.synchronize();
     } finally {
       await this.#lowLatency?.close();
+      this.#batch?.leave(this.rank);
       this.#peers?.close();
       // Peers must have unmapped this rank's buffer before it is freed.
       if (this.#buffer !== null) await this.#init.group.barrier();

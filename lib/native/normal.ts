@@ -9,9 +9,12 @@ export const normalSymbols = {
   bun_ep_normal_handle_bytes: { args: ["i64", "i64"], returns: "i64" },
   bun_ep_normal_staging_rows: { args: ["i64", "i64", "i64", "i64", "i64", "i64"], returns: "i64" },
   bun_ep_normal_layout: { args: ["ptr"], returns: status },
-  bun_ep_normal_notify: { args: ["ptr"], returns: status },
-  bun_ep_normal_dispatch: { args: ["ptr"], returns: status },
-  bun_ep_normal_combine: { args: ["ptr"], returns: status },
+  /** (args: `count` structs back to back, count): one launch for the ranks of this process on this device. */
+  bun_ep_normal_notify: { args: ["ptr", "i64"], returns: status },
+  /** (args: `count` structs back to back, count): one launch for the ranks of this process on this device. */
+  bun_ep_normal_dispatch: { args: ["ptr", "i64"], returns: status },
+  /** (args: `count` structs back to back, count): one launch for the ranks of this process on this device. */
+  bun_ep_normal_combine: { args: ["ptr", "i64"], returns: status },
 } as const satisfies Record<string, FFIFunction>;
 
 /** BUN_EP_NORMAL_MAX_RANKS: peer pointer fields in bunEpNormalComm_t. */

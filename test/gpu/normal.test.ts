@@ -13,12 +13,18 @@ import { describeGpu } from "./gpu_env.ts";
 import { describeCase, runNormalCase, type NormalCase } from "./fixtures/normal_case.ts";
 
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
+// GPUs to spread ranks over (issue 8): rank r of one process runs on device r % NUM_GPUS; processes
+// get ceil(nproc / NUM_GPUS) ranks per GPU from the launcher. 1 (default): every rank on DEVICE.
+const NUM_GPUS = Math.max(1, Number(process.env.BUN_EP_NUM_GPUS ?? 1));
+const deviceOf = (rank: number): number => (NUM_GPUS > 1 ? rank % NUM_GPUS : DEVICE);
+const usedDevices = (numRanks: number): number[] => [...new Set(Array.from({ length: numRanks }, (_, r) => deviceOf(r)))];
+const freeMemory = (devices: number[]): number => devices.reduce((sum, d) => sum + deviceProps(d).freeMemoryBytes, 0);
 const seedBase = Number(process.env.BUN_EP_SEED ?? (Date.now() % 1_000_000));
 
 // Device waits give up after 10 s: a hang fails fast instead of eating the run's time limit.
 async function makeBuffers(numRanks: number, numNvlBytes = 256 << 20, timeoutMs = 10_000): Promise<EpBuffer[]> {
   const groups = LocalGroup.create(numRanks, { timeoutMs: 60_000 });
-  return Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: DEVICE, numNvlBytes, timeoutMs })));
+  return Promise.all(groups.map((group) => EpBuffer.create({ group, backend: "cuda", device: deviceOf(group.rank), numNvlBytes, timeoutMs })));
 }
 
 async function closeAll(buffers: EpBuffer[]): Promise<void> {
@@ -91,7 +97,8 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
       // Hold (almost) the whole arena (half of the 64 MiB after the control region).
       const hogs = buffers.map((b) => b.allocCombineInput(Math.floor((63 << 19) / 2048), 1024).x as DeviceTensor);
       const b: NormalCase = { ...base(2), hidden: 1024, combineInput: "alloc" };
-      await check(buffers, [b, { ...b, fp8: true, cached: true }, { ...b, combineInput: "recv" }], seedBase + 11);
+      // [0, 300]: a rank with no tokens (NULL topkIdx) still receives indices and weights (batch 2's bug).
+      await check(buffers, [b, { ...b, fp8: true, cached: true }, { ...b, combineInput: "recv" }, { ...b, tokens: [0, 300], combineInput: "upload" }], seedBase + 11);
       for (const h of hogs) h.free();
       await check(buffers, [b, { ...b, combineInput: "recv" }], seedBase + 12);
     } finally {
@@ -105,7 +112,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
       const b: NormalCase = { ...base(2), hidden: 1024, tokens: [64, 48], topk: 4, numExperts: 16, numSMs: 4, biases: 1 };
       // One warm-up so the allocator pool reaches its steady state before measuring.
       await check(buffers, [b], seedBase + 7);
-      const freeBefore = deviceProps(DEVICE).freeMemoryBytes;
+      const freeBefore = freeMemory(usedDevices(2));
       const rng = makeRng(seedBase + 8);
       const problems: string[] = [];
       const sources = ["upload", "recv", "alloc", "mixed"] as const;
@@ -114,7 +121,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
         const failures = await runNormalCase(buffers, c, seedBase + 1000 + i);
         if (failures.length > 0) problems.push(`iteration ${i} ${describeCase(c)} (seed ${seedBase + 1000 + i}): ${failures.slice(0, 4).join("; ")}`);
       }
-      const freeAfter = deviceProps(DEVICE).freeMemoryBytes;
+      const freeAfter = freeMemory(usedDevices(2));
       expect(problems).toEqual([]);
       // The stream-ordered pool may keep a little; a leak per iteration would show as many MiB.
       expect(freeBefore - freeAfter).toBeLessThan(64 << 20);
@@ -151,7 +158,7 @@ describeGpu("normal kernels, ranks as processes on one GPU (CUDA IPC; MPS on)", 
       const root = resolve(import.meta.dir, "..", "..");
       const run = spawnSync(
         "bun",
-        [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", String(nproc), "--ranks-per-gpu", String(nproc), resolve(import.meta.dir, "fixtures/normal_rank.ts"), String(seedBase)],
+        [resolve(root, "bin/bun-ep.ts"), "run", "--nproc", String(nproc), "--ranks-per-gpu", String(Math.ceil(nproc / NUM_GPUS)), resolve(import.meta.dir, "fixtures/normal_rank.ts"), String(seedBase)],
         { cwd: root, encoding: "utf8", timeout: 120_000 },
       );
       if (run.status !== 0) console.error(`seed ${seedBase}\n`, run.stdout, run.stderr);
