@@ -35,6 +35,7 @@ import { Event, Stream, withDevice } from "../stream.ts";
 import type { DType } from "../dtype.ts";
 import { DeviceTensor, HostTensor, PinnedTensor, type Tensor } from "../tensor.ts";
 import { exchangePeerPointers, PeerBuffer, type PeerPointers } from "./cuda_peers.ts";
+import type { InternodeEngine } from "./cuda_internode.ts";
 import type {
   Backend,
   BackendInit,
@@ -380,6 +381,8 @@ class CudaBackend implements Backend {
   readonly #record: PinnedTensor<"i32">;
   readonly #workspace: DeviceTensor<"u8">;
   readonly #lowLatency: LowLatencyEngineLike | null;
+  /** Set when the group spans several (possibly virtual) nodes: the normal kernels go through NVSHMEM. */
+  #internode: InternodeEngine | null = null;
   /** The ranks of this process on this device, whose normal kernels run as one launch. */
   readonly #batch: LaunchBatch | null;
   /** Ordering helper: the comm stream waits on the compute stream when no previousEvent. */
@@ -421,7 +424,7 @@ class CudaBackend implements Backend {
 
   static async create(init: BackendInit): Promise<CudaBackend> {
     const { group, device } = init;
-    if (group.size > NORMAL_MAX_RANKS && init.numNvlBytes > 0) {
+    if (group.size > NORMAL_MAX_RANKS && init.numNvlBytes > 0 && group.ranksPerNode >= group.size) {
       throw new RangeError(`group: the intranode normal kernels support at most ${NORMAL_MAX_RANKS} ranks, got ${group.size}`);
     }
     if (init.numNvlBytes > 0 && init.numNvlBytes <= NORMAL_CONTROL_BYTES) {
@@ -436,7 +439,14 @@ class CudaBackend implements Backend {
     let buffer: PeerBuffer | null = null;
     let peers: PeerPointers | null = null;
     let batch: LaunchBatch | null = null;
-    if (init.numNvlBytes > 0) {
+    const spansNodes = group.ranksPerNode < group.size && init.numNvlBytes > 0;
+    let internode: InternodeEngine | null = null;
+    if (spansNodes) {
+      // Ranks on other nodes are reached only through NVSHMEM (no IPC across nodes), so the
+      // internode engine owns the normal buffers instead of a PeerBuffer.
+      const { InternodeEngine: Engine } = await import("./cuda_internode.ts");
+      internode = await Engine.create({ init, commStream, computeStream });
+    } else if (init.numNvlBytes > 0) {
       buffer = PeerBuffer.allocate(device, init.numNvlBytes);
       peers = await exchangePeerPointers(group, buffer.ptr, device);
       // The ranks of this process on this device share one launch per normal kernel (LaunchBatch).
@@ -460,7 +470,9 @@ class CudaBackend implements Backend {
       }
       lowLatency = await module.LowLatencyEngine.create({ init, commStream: commStream.handle });
     }
-    return new CudaBackend(init, commStream, buffer, peers, record, workspace, lowLatency, computeStream, ownsComputeStream, batch);
+    const backend = new CudaBackend(init, commStream, buffer, peers, record, workspace, lowLatency, computeStream, ownsComputeStream, batch);
+    backend.#internode = internode;
+    return backend;
   }
 
   get closed(): boolean {
@@ -558,6 +570,7 @@ class CudaBackend implements Backend {
   // ---- layout ------------------------------------------------------------------------------------
 
   getDispatchLayout(topkIdx: Tensor, numExperts: number, previousEvent: EventLike | null, asyncFinish: boolean): DispatchLayout {
+    if (this.#internode !== null) return this.#internode.getDispatchLayout(topkIdx, numExperts, previousEvent, asyncFinish);
     this.#throwIfFailed();
     const numTokens = topkIdx.shape[0] ?? 0;
     const topk = topkIdx.shape[1] ?? 0;
@@ -576,6 +589,7 @@ class CudaBackend implements Backend {
 
   dispatch(args: DispatchArgs): Promise<DispatchResult> {
     // Not async: every launch that does not need the host wait happens before this returns.
+    if (this.#internode !== null) return this.#internode.dispatch(args);
     try {
       this.#requireNormal("dispatch");
       this.#waitBefore(args.previousEvent);
@@ -776,6 +790,7 @@ class CudaBackend implements Backend {
   // ---- combine -----------------------------------------------------------------------------------
 
   async combine(args: CombineArgs): Promise<CombineResult> {
+    if (this.#internode !== null) return this.#internode.combine(args);
     this.#requireNormal("combine");
     const data = args.handle.data as CudaHandleData;
     const hidden = args.x.shape[1]!;
@@ -903,6 +918,7 @@ class CudaBackend implements Backend {
       this.commStream.synchronize();
     } finally {
       await this.#lowLatency?.close();
+      await this.#internode?.close();
       this.#batch?.leave(this.rank);
       this.#peers?.close();
       // Peers must have unmapped this rank's buffer before it is freed.
