@@ -1,16 +1,20 @@
 // Normal (high-throughput) kernels on the GPU against lib/reference.ts: several ranks on one GPU in
 // one process (LocalGroup) and as processes (CUDA IPC; MPS on). Fresh seeds each run, printed on
 // failure; outputs come from poisoned pool memory so an unwritten element fails.
-import { expect, test } from "bun:test";
+//
+// Run parts alone: BUN_EP_NORMAL_TESTS=<comma list of tags> (tags: r2, r3, r4, r8, arena,
+// iterations, timeout, process2, process4; "process" = both process counts), or `bun test -t <name>`.
+// Each test prints where its host time went (inputs, device calls, reference, copies + compare).
+import { describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { resolve } from "node:path";
 import { EpBuffer } from "../../lib/buffer.ts";
 import { LocalGroup } from "../../lib/group.ts";
-import { makeRng, randomRouting } from "../../lib/reference.ts";
+import { makeRng, randomRouting, referenceCombineRank, referenceDispatchRank } from "../../lib/reference.ts";
 import { deviceProps } from "../../lib/stream.ts";
 import { DeviceTensor, HostTensor } from "../../lib/tensor.ts";
 import { describeGpu } from "./gpu_env.ts";
-import { describeCase, runNormalCase, type NormalCase } from "./fixtures/normal_case.ts";
+import { describeCase, fastCombineRank, fastRandomBf16, resetCaseTimes, runNormalCase, type NormalCase } from "./fixtures/normal_case.ts";
 
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
 // GPUs to spread ranks over (issue 8): rank r of one process runs on device r % NUM_GPUS; processes
@@ -20,6 +24,12 @@ const deviceOf = (rank: number): number => (NUM_GPUS > 1 ? rank % NUM_GPUS : DEV
 const usedDevices = (numRanks: number): number[] => [...new Set(Array.from({ length: numRanks }, (_, r) => deviceOf(r)))];
 const freeMemory = (devices: number[]): number => devices.reduce((sum, d) => sum + deviceProps(d).freeMemoryBytes, 0);
 const seedBase = Number(process.env.BUN_EP_SEED ?? (Date.now() % 1_000_000));
+
+// BUN_EP_NORMAL_TESTS selects tests by tag; unset or empty runs them all.
+const selectedTags = (process.env.BUN_EP_NORMAL_TESTS ?? "").split(",").map((t) => t.trim()).filter((t) => t !== "");
+const selected = (tag: string): boolean => selectedTags.length === 0 || selectedTags.includes(tag) || selectedTags.some((t) => tag.startsWith(t));
+/** `test` when its tag is selected, else `test.skip` (named so the skip shows why). */
+const testTagged = (tag: string) => (selected(tag) ? test : test.skip);
 
 // Device waits give up after 10 s: a hang fails fast instead of eating the run's time limit.
 async function makeBuffers(numRanks: number, numNvlBytes = 256 << 20, timeoutMs = 10_000): Promise<EpBuffer[]> {
@@ -44,12 +54,37 @@ async function check(buffers: EpBuffer[], cases: NormalCase[], seed: number): Pr
     const failures = await runNormalCase(buffers, c, seed + i);
     if (failures.length > 0) problems.push(`${describeCase(c)} (seed ${seed + i}):\n  ${failures.slice(0, 6).join("\n  ")}`);
   }
+  console.log(`  [times] ${resetCaseTimes()}`);
   if (problems.length > 0) console.error(problems.join("\n"));
   expect(problems).toEqual([]);
 }
 
+// The GPU tests compare combine against fastCombineRank (typed arrays); it must equal the spec's.
+describe("normal test fixture", () => {
+  test("fastCombineRank equals lib/reference.ts referenceCombineRank bit for bit", () => {
+    const rng = makeRng(seedBase);
+    for (const [numRanks, hidden, topk, numBiases] of [[2, 256, 8, 0], [3, 384, 6, 1], [4, 128, 1, 2], [8, 256, 8, 2]] as const) {
+      const tokens = Array.from({ length: numRanks }, (_, r) => (r === 1 ? 0 : 20 + 7 * r));
+      const numExperts = 4 * numRanks;
+      const dispatch = tokens.map((t) => ({
+        x: fastRandomBf16(rng, [t, hidden]), xScales: null, topkIdx: randomRouting(rng, t, numExperts, topk, { maskProbability: 0.2 }),
+        topkWeights: (() => { const w = new HostTensor("f32", [t, topk]); for (let i = 0; i < w.numel; i++) w.data[i] = rng.normal(); return w; })(),
+      }));
+      const refs = tokens.map((_, r) => referenceDispatchRank(r, dispatch, numExperts));
+      const inputs = refs.map((ref) => ({ x: fastRandomBf16(rng, [ref.recvSrcRank.length, hidden]), topkWeights: ref.recvTopkWeights, recvSrcRank: ref.recvSrcRank, recvSrcToken: ref.recvSrcToken }));
+      for (let home = 0; home < numRanks; home++) {
+        const biases = Array.from({ length: numBiases }, () => fastRandomBf16(rng, [tokens[home]!, hidden]));
+        const want = referenceCombineRank(home, tokens[home]!, inputs, biases);
+        const got = fastCombineRank(home, tokens[home]!, inputs, biases);
+        expect(Buffer.from(got.combinedX.data.buffer).equals(Buffer.from(want.combinedX.data.buffer))).toBe(true);
+        expect(Buffer.from(got.combinedTopkWeights!.data.buffer).equals(Buffer.from(want.combinedTopkWeights!.data.buffer))).toBe(true);
+      }
+    }
+  });
+});
+
 describeGpu("normal kernels, ranks of one process on one GPU", () => {
-  test("2 ranks: bf16/fp8, weights, biases, alignment, cached, worst, hidden 2048/4096/7168, topk 1/6/8", async () => {
+  testTagged("r2")("2 ranks: bf16/fp8, weights, biases, alignment, cached, worst, hidden 2048/4096/7168, topk 1/6/8", async () => {
     const buffers = await makeBuffers(2, 512 << 20);
     try {
       const b = base(2);
@@ -74,7 +109,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
   }, 240_000);
 
   for (const numRanks of [3, 4, 8]) {
-    test(`${numRanks} ranks: bf16/fp8, biases, cached, worst, empty rank, skew`, async () => {
+    testTagged(`r${numRanks}`)(`${numRanks} ranks: bf16/fp8, biases, cached, worst, empty rank, skew`, async () => {
       const buffers = await makeBuffers(numRanks);
       try {
         const b = base(numRanks);
@@ -91,7 +126,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
     }, 240_000);
   }
 
-  test("a full arena: dispatch falls back to the staged copy, combine to push; exact either way", async () => {
+  testTagged("arena")("a full arena: dispatch falls back to the staged copy, combine to push; exact either way", async () => {
     const buffers = await makeBuffers(2, 64 << 20);
     try {
       // Hold (almost) the whole arena (half of the 64 MiB after the control region).
@@ -106,7 +141,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
     }
   }, 120_000);
 
-  test("1,000 iterations of random routing with the same buffers: exact each time, no device memory growth", async () => {
+  testTagged("iterations")("1,000 iterations of random routing with the same buffers: exact each time, no device memory growth", async () => {
     const buffers = await makeBuffers(2);
     try {
       const b: NormalCase = { ...base(2), hidden: 1024, tokens: [64, 48], topk: 4, numExperts: 16, numSMs: 4, biases: 1 };
@@ -130,7 +165,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
     }
   }, 600_000);
 
-  test("a rank that never dispatches: the others fail naming it, and the buffer is unusable after", async () => {
+  testTagged("timeout")("a rank that never dispatches: the others fail naming it, and the buffer is unusable after", async () => {
     const buffers = await makeBuffers(3, 64 << 20, 1500);
     try {
       const rng = makeRng(seedBase + 9);
@@ -154,7 +189,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
 
 describeGpu("normal kernels, ranks as processes on one GPU (CUDA IPC; MPS on)", () => {
   for (const nproc of [2, 4]) {
-    test(`${nproc} processes`, () => {
+    testTagged(`process${nproc}`)(`${nproc} processes`, () => {
       const root = resolve(import.meta.dir, "..", "..");
       const run = spawnSync(
         "bun",
