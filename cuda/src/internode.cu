@@ -181,7 +181,11 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(bunEpInternodeNo
       record_error(comm, BUN_EP_NORMAL_ERR_BAD_TOPK, topo.me, i / a.topk, expert, BUN_EP_NORMAL_STEP_NOTIFY);
       continue;
     }
-    atomicAdd(&expertCounts[expert], 1);
+    // A row counts once per local expert it holds: a repeated id within one token counts once.
+    const int64_t first = i - i % a.topk;
+    bool repeated = false;
+    for (int64_t j = first; j < i && !repeated; ++j) repeated = a.topkIdx[j] == expert;
+    if (!repeated) atomicAdd(&expertCounts[expert], 1);
   }
   __syncthreads();
 
@@ -492,9 +496,9 @@ __global__ void __launch_bounds__(kDataThreads)
     const int64_t end = share_begin(a.numTokens, channel + 1, numChannels);
     for (int64_t token = begin + warp_id(); token < end; token += num_warps()) {
       TokenSource src{reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + token * tokenBytes),
-                      a.xScales != nullptr ? a.xScales + token * scalesPerRow : nullptr,
-                      a.topkIdx != nullptr ? a.topkIdx + token * topk : nullptr,
-                      a.topkWeights != nullptr ? a.topkWeights + token * topk : nullptr};
+                      scalesPerRow > 0 ? a.xScales + token * scalesPerRow : nullptr,
+                      topk > 0 ? a.topkIdx + token * topk : nullptr,
+                      topk > 0 && a.topkWeights != nullptr ? a.topkWeights + token * topk : nullptr};
       for (int node = 0; node < numNodes; ++node) {
         const int nodePosition = nodeSlot[token * numNodes + node];
         if (nodePosition < 0) continue;
@@ -592,16 +596,17 @@ __global__ void __launch_bounds__(kDataThreads)
       const char* src = staging + row * stage.bytes;
       int4* dst[1] = {reinterpret_cast<int4*>(static_cast<char*>(a.recvX) + row * tokenBytes)};
       copy_to_many<false>(reinterpret_cast<const int4*>(src + stage.xOffset), dst, 1, stage.xBytes / 16);
-      if (a.recvXScales != nullptr)
+      // Fields by shape (fp8, topk > 0: checked on the host to have their tensors); weights are optional.
+      if (scalesPerRow > 0)
         for (int i = lane_id(); i < scalesPerRow; i += 32)
           a.recvXScales[row * scalesPerRow + i] = reinterpret_cast<const float*>(src + stage.scalesOffset)[i];
-      if (a.recvTopkIdx != nullptr)
+      if (topk > 0)
         for (int k = lane_id(); k < topk; k += 32)
           a.recvTopkIdx[row * topk + k] = reinterpret_cast<const int64_t*>(src + stage.idxOffset)[k];
-      if (a.recvTopkWeights != nullptr)
+      if (topk > 0 && a.recvTopkWeights != nullptr)
         for (int k = lane_id(); k < topk; k += 32)
           a.recvTopkWeights[row * topk + k] = reinterpret_cast<const float*>(src + stage.weightsOffset)[k];
-      if (a.recvMeta != nullptr && lane_id() < 2)
+      if (topk > 0 && lane_id() < 2)
         a.recvMeta[row * 2 + lane_id()] = reinterpret_cast<const int*>(src + stage.intsOffset)[lane_id()];
     }
   }
@@ -921,16 +926,30 @@ extern "C" BUN_EP_API bunEpResult_t bun_ep_internode_dispatch(const bunEpInterno
                  (long long)a.elementBytes);
   BUN_EP_REQUIRE(a.hidden > 0 && (a.hidden * a.elementBytes) % 16 == 0,
                  "dispatch: hidden * elementBytes must be a positive multiple of 16 bytes, got hidden %lld", (long long)a.hidden);
-  BUN_EP_REQUIRE(a.elementBytes == 2 || (a.hidden % 128 == 0 && a.xScales != nullptr),
-                 "dispatch: fp8 needs hidden %% 128 == 0 (got %lld) and xScales", (long long)a.hidden);
-  BUN_EP_REQUIRE(a.elementBytes == 1 || a.xScales == nullptr, "dispatch: xScales given with bf16 x");
+  // What is present follows from shapes (dtype, topk, row counts), never from a pointer alone: a
+  // tensor of 0 rows has a NULL pointer (0-byte allocation), e.g. on a rank with no tokens.
+  const bool fp8 = a.elementBytes == 1;
+  const bool sends = a.numTokens > 0, receives = a.recvRows > 0;
+  BUN_EP_REQUIRE(a.numTokens >= 0 && a.recvRows >= 0, "dispatch: numTokens (%lld) and recvRows (%lld) must be >= 0",
+                 (long long)a.numTokens, (long long)a.recvRows);
+  BUN_EP_REQUIRE(!fp8 || a.hidden % 128 == 0, "dispatch: fp8 x needs hidden %% 128 == 0, got hidden %lld", (long long)a.hidden);
+  BUN_EP_REQUIRE(!fp8 || !sends || a.xScales != nullptr, "dispatch: fp8 x of %lld tokens needs xScales", (long long)a.numTokens);
+  BUN_EP_REQUIRE(!fp8 || !receives || a.recvXScales != nullptr, "dispatch: fp8 x needs recvXScales for %lld rows",
+                 (long long)a.recvRows);
+  BUN_EP_REQUIRE(fp8 || a.xScales == nullptr, "dispatch: xScales given with bf16 x");
   BUN_EP_REQUIRE(a.numChannels >= 1 && a.numChannels <= kMaxChannels, "dispatch: numChannels must be in [1, %d], got %lld",
                  kMaxChannels, (long long)a.numChannels);
-  BUN_EP_REQUIRE(a.handle != nullptr && (a.numTokens == 0 || a.x != nullptr), "dispatch: handle and x are required");
-  BUN_EP_REQUIRE(a.recvRows == 0 || a.recvX != nullptr, "dispatch: recvX is NULL");
+  BUN_EP_REQUIRE(a.handle != nullptr, "dispatch: handle is NULL");
+  BUN_EP_REQUIRE(!sends || a.x != nullptr, "dispatch: x of %lld tokens is NULL", (long long)a.numTokens);
+  BUN_EP_REQUIRE(!receives || a.recvX != nullptr, "dispatch: recvX of %lld rows is NULL", (long long)a.recvRows);
   BUN_EP_REQUIRE(a.topk >= 0 && a.topk <= kMaxTopk, "dispatch: topk must be in [0, %d], got %lld", kMaxTopk, (long long)a.topk);
-  BUN_EP_REQUIRE(a.topk == 0 || (a.topkIdx != nullptr && a.numExperts >= a.comm.numRanks),
-                 "dispatch: topk > 0 needs topkIdx and numExperts");
+  BUN_EP_REQUIRE(a.topk == 0 || (a.numExperts >= a.comm.numRanks && a.numExperts % a.comm.numRanks == 0),
+                 "dispatch: numExperts (%lld) must be a positive multiple of numRanks (%lld)", (long long)a.numExperts,
+                 (long long)a.comm.numRanks);
+  BUN_EP_REQUIRE(a.topk == 0 || !sends || a.topkIdx != nullptr, "dispatch: topkIdx of %lld tokens is NULL",
+                 (long long)a.numTokens);
+  BUN_EP_REQUIRE(a.topk == 0 || !receives || (a.recvTopkIdx != nullptr && a.recvMeta != nullptr),
+                 "dispatch: a fresh dispatch needs recvTopkIdx and recvMeta for %lld rows", (long long)a.recvRows);
   const RowLayout stage = staging_row(a.hidden, a.elementBytes, a.topk);
   const RowLayout record = rdma_record(a.hidden, a.elementBytes, a.topk, a.comm.ranksPerNode);
   const Capacities cap = capacities_of(a.comm, a.hidden, a.elementBytes, a.topk);
