@@ -10,6 +10,7 @@
 //
 //   bun bench/normal.ts --ranks 2 [--sms 24] [--tokens 4096]           ranks of one process
 //   bun bin/bun-ep.ts run --nproc 2 --ranks-per-gpu 2 bench/normal.ts   ranks as processes (MPS on)
+//   ... --launch-slack-us 300 (default): a spin before each timed call absorbs the ranks' launch skew
 //   bun bin/bun-ep.ts run --nproc 2 bench/normal.ts                     one rank per GPU
 //
 // Rows are merged into bench/results/normal.json (key: mode + ranks) and printed as a markdown table.
@@ -33,6 +34,11 @@ const HIDDEN = 7168;
 const TOPK = 8;
 const NUM_EXPERTS = 256;
 const NUM_SMS = flag("sms", 24);
+// Before each timed call every rank's stream first runs a short spin kernel, so that the host-side
+// barrier's release skew (rank 0 is released first; under MPS its kernel then waited ~200 us for the
+// others' launches, batch 3: EP4 rank 0 910 us vs 707-741 us) is absorbed before the start event, as
+// it is when calls are queued back to back. --launch-slack-us 0 turns it off.
+const LAUNCH_SLACK_US = flag("launch-slack-us", 300);
 const WARMUP = 20;
 const RUNS = 49;
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
@@ -92,6 +98,7 @@ async function timeAll(ranks: Rank[], barrier: () => Promise<void>, op: (r: Rank
     });
     for (const r of ranks) r.stream.synchronize();
     await barrier();
+    if (LAUNCH_SLACK_US > 0) for (const r of ranks) withDevice(r.device, () => check(native().bun_ep_debug_spin(BigInt(LAUNCH_SLACK_US * 1000), r.stream.handle), "launch slack spin"));
     const results = await Promise.all(
       ranks.map((r, k) => {
         events[k]![0].record(r.stream);
