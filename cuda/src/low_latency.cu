@@ -77,6 +77,7 @@ struct Layout {
   int64_t scalesOffsetInRow, metaOffsetInRow;
   // offsets inside one parity region
   int64_t staging, dispatchCounts, dispatchReady, combineRecv, combineReady;
+  int64_t countWords;  // direct dispatch: int64 [El][R] per source rank, (call number << 32) | count
   int64_t recvX, recvScales, recvCount, srcTokenIdx, layoutRange, slotRoute, combineBuffer, combinedX;
   int64_t sendRows, sendMeta;  // NVSHMEM transport: this rank's rows [M] and (t, k) int4 [M][maxTopk]
   int64_t parityBytes;
@@ -117,6 +118,7 @@ Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   l.staging = take(rows * l.stagingRowBytes);
   l.dispatchCounts = take((int64_t)l.numLocalExperts * l.numRanks * 4);
   l.dispatchReady = take((int64_t)l.numRanks * 4);
+  l.countWords = take((int64_t)l.numLocalExperts * l.numRanks * 8);
   l.combineRecv = take((int64_t)l.maxTokens * l.maxTopk * l.hidden * 2);
   l.combineReady = take((int64_t)l.numRanks * 4);
   l.recvX = take(rows * l.hidden * 2);
@@ -403,6 +405,54 @@ __device__ void send_row_bf16(const DispatchParams& p, int t, char* const* s_des
   }
 }
 
+// 16 channels of a row quantized to e4m3 (one int4) and the scale of their 128-channel group.
+struct Fp8Chunk {
+  int4 packed;
+  float scale;
+};
+
+// Chunk v (channels 16v..16v+15) of `src`. Every lane of the warp calls it (the group's amax is
+// reduced over 8 lanes); an inactive lane contributes 0 and its result is unused.
+__device__ __forceinline__ Fp8Chunk quantize_chunk(const int4* src, int v, bool active, bool roundScale) {
+  // Kept packed (8 registers, not 16 floats): widened again when quantized.
+  int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+  float amax = 0.0f;
+  if (active) {
+    raw[0] = ld_nc_int4(src + 2 * v);
+    raw[1] = ld_nc_int4(src + 2 * v + 1);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 pair = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(raw)[i]);
+      amax = fmaxf(amax, fmaxf(fabsf(pair.x), fabsf(pair.y)));
+    }
+  }
+#pragma unroll
+  for (int mask = 4; mask >= 1; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+  amax = fmaxf(amax, kAmaxFloor);
+  float scale = __fdiv_rn(amax, kE4m3Max);
+  float multiplier;
+  if (roundScale) {
+    scale = power_of_two_ceil(scale);
+    multiplier = __frcp_rn(scale);  // exact for a power of two
+  } else {
+    multiplier = __fdiv_rn(kE4m3Max, amax);
+  }
+  uint32_t words[4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int b = 0; b < 4; b += 2) {
+      const float2 pair = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(raw)[(4 * w + b) / 2]);
+      const __nv_fp8_storage_t q0 = __nv_cvt_float_to_fp8(__fmul_rn(pair.x, multiplier), __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8_storage_t q1 = __nv_cvt_float_to_fp8(__fmul_rn(pair.y, multiplier), __NV_SATFINITE, __NV_E4M3);
+      word |= ((uint32_t)q0 | ((uint32_t)q1 << 8)) << (8 * b);
+    }
+    words[w] = word;
+  }
+  return Fp8Chunk{make_int4((int)words[0], (int)words[1], (int)words[2], (int)words[3]), scale};
+}
+
 // fp8: every thread quantizes 16 channels (8 threads per 128-channel group) and stores 16 bytes
 // to each destination; the first thread of a group also stores the group's scale.
 __device__ void send_row_fp8(const DispatchParams& p, int t, char* const* s_dest) {
@@ -412,51 +462,15 @@ __device__ void send_row_fp8(const DispatchParams& p, int t, char* const* s_dest
   for (int base = 0; base < H / 16; base += blockDim.x) {
     const int v = base + threadIdx.x;
     const bool active = v < H / 16;
-    // Kept packed (8 registers, not 16 floats): widened again when quantized.
-    int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
-    float amax = 0.0f;
-    if (active) {
-      raw[0] = ld_nc_int4(src + 2 * v);
-      raw[1] = ld_nc_int4(src + 2 * v + 1);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float2 pair = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(raw)[i]);
-        amax = fmaxf(amax, fmaxf(fabsf(pair.x), fabsf(pair.y)));
-      }
-    }
-#pragma unroll
-    for (int mask = 4; mask >= 1; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+    const Fp8Chunk chunk = quantize_chunk(src, v, active, roundScale);
     if (!active) continue;
-    amax = fmaxf(amax, kAmaxFloor);
-    float scale = __fdiv_rn(amax, kE4m3Max);
-    float multiplier;
-    if (roundScale) {
-      scale = power_of_two_ceil(scale);
-      multiplier = __frcp_rn(scale);  // exact for a power of two
-    } else {
-      multiplier = __fdiv_rn(kE4m3Max, amax);
-    }
-    uint32_t words[4];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      uint32_t word = 0;
-#pragma unroll
-      for (int b = 0; b < 4; b += 2) {
-        const float2 pair = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(raw)[(4 * w + b) / 2]);
-        const __nv_fp8_storage_t q0 = __nv_cvt_float_to_fp8(__fmul_rn(pair.x, multiplier), __NV_SATFINITE, __NV_E4M3);
-        const __nv_fp8_storage_t q1 = __nv_cvt_float_to_fp8(__fmul_rn(pair.y, multiplier), __NV_SATFINITE, __NV_E4M3);
-        word |= ((uint32_t)q0 | ((uint32_t)q1 << 8)) << (8 * b);
-      }
-      words[w] = word;
-    }
-    const int4 packed = make_int4((int)words[0], (int)words[1], (int)words[2], (int)words[3]);
     const bool groupLeader = (v % (kGroupSize / 16)) == 0;
     for (int k = 0; k < p.numTopk; ++k) {
       char* dest = s_dest[k];
       if (dest == nullptr) continue;
-      st_na_int4(reinterpret_cast<int4*>(dest) + v, packed);
+      st_na_int4(reinterpret_cast<int4*>(dest) + v, chunk.packed);
       if (groupLeader)
-        reinterpret_cast<float*>(dest + p.c.layout.scalesOffsetInRow)[v / (kGroupSize / 16)] = scale;
+        reinterpret_cast<float*>(dest + p.c.layout.scalesOffsetInRow)[v / (kGroupSize / 16)] = chunk.scale;
     }
   }
 }
@@ -625,6 +639,234 @@ __device__ void dispatch_recv(const DispatchParams& p, int seq) {
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(DispatchParams p) {
   dispatch_recv(p, ld_volatile(&p.c.state->dispatchSeq[p.c.parity]));
+}
+
+// ---- dispatch without hook over peer pointers: rows straight into the receivers' packed slots ----
+//
+// Phase 1 (no waits): every block counts this rank's tokens per expert (shared histogram) and the
+// grid publishes each count to the expert's owner as one 64-bit word (call number << 32 | count).
+// Phase 2: per token, the block waits (bounded) for the counts of the lower source ranks for the
+// token's experts at their owners, so slot = (sum of those counts) + (earlier tokens of this rank
+// with that expert), and stores the row, its scales and its handle entries (source token, top-k
+// position) straight into the owner's recvX / recvXScales / srcTokenIdx / slot routes: no staging,
+// no second pass. The grid's last block raises the per-source ready flag at every receiver; block 0
+// waits for every live source's flag and writes recvCount and layoutRange from the count words.
+// Every rank waits for every live source's flag, so no rank starts call n + 2 of a parity (and
+// rewrites its count words) before every rank has finished reading call n's; and a sender writes a
+// receiver's slots only after the receiver's own count word of this call is seen (the receiver has
+// launched this call: its earlier work on this parity's outputs, in its stream order, is done).
+
+__device__ __forceinline__ int64_t ld_relaxed_sys_s64(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed_sys_s64(int64_t* p, int64_t v) {
+  asm volatile("st.relaxed.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int64_t)seq << 32) | (uint32_t)count; }
+
+// Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`
+// (bounded wait; on a timeout the rank is recorded and 0 returned: the call's results are void).
+__device__ int wait_count(const Common& c, int owner, int localExpert, int s, int seq) {
+  const int64_t* word = reinterpret_cast<const int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
+                        (int64_t)localExpert * c.layout.numRanks + s;
+  int64_t value = ld_relaxed_sys_s64(word);
+  if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
+  if (ld_volatile(&c.state->failed) != 0) return 0;
+  const uint64_t start = globaltimer_ns();
+  while ((int)((value = ld_relaxed_sys_s64(word)) >> 32) < seq) {
+    if (globaltimer_ns() - start > c.timeoutNs) {
+      record_timeout(c.state, c.errorWord, s, kPhaseDispatch);
+      return 0;
+    }
+  }
+  return (int)(uint32_t)value;
+}
+
+// Phase 1: this rank's per-expert token counts to the experts' owners. s_expertCount: [numExperts].
+__device__ void publish_counts(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive,
+                               int* s_expertCount) {
+  const Common& c = p.c;
+  const int E = c.numExperts, El = c.layout.numLocalExperts, R = c.layout.numRanks;
+  const int firstExpert = blockIdx.x * blockDim.x, stride = gridDim.x * blockDim.x;
+  if (firstExpert >= E) return;  // block-uniform: this block publishes nothing
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s_expertCount[e] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.numTokens * p.numTopk; i += blockDim.x)
+    if (s_topk[i] >= 0) atomicAdd(&s_expertCount[s_topk[i]], 1);
+  __syncthreads();
+  for (int e = firstExpert + threadIdx.x; e < E; e += stride) {
+    const int owner = e / El;
+    if (!s_alive[owner]) continue;
+    int64_t* word = reinterpret_cast<int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
+                    (int64_t)(e % El) * R + c.rank;
+    st_relaxed_sys_s64(word, count_word(seq, s_expertCount[e]));
+  }
+}
+
+// Where token t's row goes per top-k position: s_dest the owner's recvX row (NULL: none),
+// s_scales its scales row, s_flat the flat slot (for the handle entries). Collective over the block.
+__device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive, int t,
+                                  int* s_pos, int* s_begin, char** s_dest, char** s_scales, int64_t* s_flat) {
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int K = p.numTopk, El = l.numLocalExperts, me = c.rank;
+  if (threadIdx.x < kMaxTopk) {
+    s_pos[threadIdx.x] = 0;
+    s_begin[threadIdx.x] = 0;
+  }
+  __syncthreads();
+  for (int k = 0; k < K; ++k) {
+    const int mine = s_topk[t * K + k];
+    if (mine < 0) continue;  // block-uniform
+    unsigned count = 0;
+    for (int i = threadIdx.x; i < t * K; i += blockDim.x) count += s_topk[i] == mine ? 1u : 0u;
+    const unsigned total = __reduce_add_sync(0xffffffffu, count);
+    if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
+  }
+  // Begins: the counts of source ranks below this one, one (k, source) pair per thread. The owner's
+  // own word is awaited too: the owner has then started this call, so it is done (in its stream
+  // order) with whatever it did with this parity's outputs before.
+  const int R = l.numRanks;
+  for (int i = threadIdx.x; i < K * R; i += blockDim.x) {
+    const int k = i / R, s = i % R;
+    const int e = s_topk[t * K + k];
+    if (e < 0 || (s >= me && s != e / El) || !s_alive[e / El] || !s_alive[s]) continue;
+    const int count = wait_count(c, e / El, e % El, s, seq);
+    if (s < me && count != 0) atomicAdd(&s_begin[k], count);
+  }
+  __syncthreads();
+  if (threadIdx.x < K) {
+    const int k = threadIdx.x;
+    const int e = s_topk[t * K + k];
+    const int owner = e >= 0 ? e / El : -1;
+    char* dest = nullptr;
+    char* scales = nullptr;
+    int64_t flat = 0;
+    if (owner >= 0 && s_alive[owner]) {
+      // Stale counts after a timeout could overflow the expert's slots: the row is then dropped.
+      const int slot = s_begin[k] + s_pos[k];
+      if (slot < l.slotsPerExpert) {
+        flat = (int64_t)(e % El) * l.slotsPerExpert + slot;
+        char* region = c.peers[owner] + c.parity_offset();
+        const int numGroups = l.hidden / kGroupSize;
+        dest = region + l.recvX + flat * (p.useFp8 ? l.hidden : 2 * l.hidden);
+        scales = region + l.recvScales + flat * (p.useUe8m0 ? numGroups / kUe8m0GroupsPerWord : numGroups) * 4;
+        reinterpret_cast<int*>(region + l.srcTokenIdx)[flat] = t;
+        reinterpret_cast<int*>(region + l.slotRoute)[flat] = (me << 16) | k;
+      }
+    }
+    s_dest[k] = dest;
+    s_scales[k] = scales;
+    s_flat[k] = flat;
+  }
+  __syncthreads();
+}
+
+// fp8 into packed slots: payload, then f32 scales (group leaders) or, with ue8m0, one word of four
+// exponent bytes per warp (H is then a multiple of 512, so a warp's 32 chunks are 4 whole groups).
+__device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const* s_dest, char* const* s_scales) {
+  const int H = p.c.layout.hidden;
+  const bool roundScale = p.roundScale || p.useUe8m0;
+  const int lane = threadIdx.x % 32;
+  const int4* src = reinterpret_cast<const int4*>(p.x + (int64_t)t * H);
+  for (int base = 0; base < H / 16; base += blockDim.x) {
+    const int v = base + threadIdx.x;
+    const bool active = v < H / 16;
+    const Fp8Chunk chunk = quantize_chunk(src, v, active, roundScale);
+    uint32_t exponents = 0;
+    if (p.useUe8m0) {
+      const uint32_t mine = (__float_as_uint(chunk.scale) >> 23) & 0xffu;
+#pragma unroll
+      for (int b = 0; b < kUe8m0GroupsPerWord; ++b)
+        exponents |= __shfl_sync(0xffffffffu, mine, b * (kGroupSize / 16)) << (8 * b);
+    }
+    if (!active) continue;
+    const bool groupLeader = (v % (kGroupSize / 16)) == 0;
+    for (int k = 0; k < p.numTopk; ++k) {
+      char* dest = s_dest[k];
+      if (dest == nullptr) continue;
+      st_na_int4(reinterpret_cast<int4*>(dest) + v, chunk.packed);
+      if (p.useUe8m0) {
+        if (lane == 0) reinterpret_cast<uint32_t*>(s_scales[k])[v / 32] = exponents;
+      } else if (groupLeader) {
+        reinterpret_cast<float*>(s_scales[k])[v / (kGroupSize / 16)] = chunk.scale;
+      }
+    }
+  }
+}
+
+// Block 0, after the send: wait for every live source's ready flag, then the handle's ranges and
+// the per-expert received counts from the count words (this rank's own copy).
+__device__ void finish_direct_receive(const DispatchParams& p, int seq, const int* s_alive) {
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int R = l.numRanks, El = l.numLocalExperts;
+  char* region = c.local_region();
+  const int* ready = reinterpret_cast<const int*>(region + l.dispatchReady);
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    if (!s_alive[s]) continue;
+    const uint64_t start = globaltimer_ns();
+    if (ld_volatile(&c.state->failed) != 0 || !wait_at_least(ready + s, seq, c.timeoutNs))
+      record_timeout(c.state, c.errorWord, s, kPhaseDispatch);
+    if (p.waitStats != nullptr) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
+  }
+  __syncthreads();
+  const int64_t* words = reinterpret_cast<const int64_t*>(region + l.countWords);
+  int* range = reinterpret_cast<int*>(region + l.layoutRange);
+  for (int e = threadIdx.x; e < El; e += blockDim.x) {
+    int running = 0;
+    for (int s = 0; s < R; ++s) {
+      const int count = s_alive[s] ? (int)(uint32_t)ld_relaxed_sys_s64(words + (int64_t)e * R + s) : 0;
+      range[((int64_t)e * R + s) * 2] = running;
+      range[((int64_t)e * R + s) * 2 + 1] = count;
+      running += count;
+    }
+    reinterpret_cast<int*>(region + l.recvCount)[e] = running;
+    if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + e, running);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel(DispatchParams p) {
+  extern __shared__ int s_dynamic[];
+  __shared__ int s_alive[kMaxRanks];
+  __shared__ int s_pos[kMaxTopk];
+  __shared__ int s_begin[kMaxTopk];
+  __shared__ char* s_dest[kMaxTopk];
+  __shared__ char* s_scales[kMaxTopk];
+  __shared__ int64_t s_flat[kMaxTopk];
+  __shared__ int s_last;
+  const Common& c = p.c;
+  const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens;
+  int* s_topk = s_dynamic;                 // [T * K]
+  int* s_expertCount = s_dynamic + T * K;  // [numExperts]
+  const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
+
+  const bool selfAlive = c.state->alive[c.rank] != 0;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) s_alive[r] = selfAlive && c.state->alive[r] != 0;
+  load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
+  __syncthreads();
+  publish_counts(p, seq, s_topk, s_alive, s_expertCount);
+
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    plan_token_direct(p, seq, s_topk, s_alive, t, s_pos, s_begin, s_dest, s_scales, s_flat);
+    if (p.useFp8) {
+      send_row_fp8_direct(p, t, s_dest, s_scales);
+    } else {
+      send_row_bf16(p, t, s_dest);
+    }
+    __syncthreads();  // s_dest is rewritten for the next token
+  }
+
+  const bool last = last_block_to_finish(&c.state->dispatchDone[c.parity], &s_last);
+  if (last) {
+    for (int q = threadIdx.x; q < R; q += blockDim.x)
+      if (s_alive[q]) raise_peer_flag(c, q, c.parity_offset() + c.layout.dispatchReady + (int64_t)c.rank * 4, seq);
+    if (threadIdx.x == 0) c.state->dispatchSeq[c.parity] = seq;
+  }
+  if (blockIdx.x == 0) finish_direct_receive(p, seq, s_alive);
 }
 
 // No hook: one kernel sends, then (every block, after the grid's last block has published) receives.
@@ -906,6 +1148,7 @@ bunEpResult_t clear_flags(Context* ctx, cudaStream_t stream) {
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchReady, 0, l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineReady, 0, l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchCounts, 0, (size_t)l.numLocalExperts * l.numRanks * 4, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.countWords, 0, (size_t)l.numLocalExperts * l.numRanks * 8, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.recvCount, 0, (size_t)l.numLocalExperts * 4, stream));
   }
   BUN_EP_CUDA_CHECK(cudaMemsetAsync(ctx->local + l.state, 0, offsetof(State, alive), stream));
@@ -975,6 +1218,10 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
       status = cuda(cudaFuncSetAttribute(dispatch_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          200 * 1024),
                     "cudaFuncSetAttribute(dispatch_fused_kernel)");
+    if (status == bunEpSuccess && ctx->dispatchSendSmem > 48 * 1024)
+      status = cuda(cudaFuncSetAttribute(dispatch_direct_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         200 * 1024),
+                    "cudaFuncSetAttribute(dispatch_direct_kernel)");
   }
   if (status == bunEpSuccess) status = clear_flags(ctx, 0);
   if (status == bunEpSuccess) {
@@ -1058,6 +1305,14 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
 
   const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + cfg.numExperts) * sizeof(int);
+  if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV) && !p.c.staged) {
+    // Peer pointers, no hook: rows go straight into the receivers' packed slots. One block per
+    // token (within the budget, so every rank's blocks are resident together).
+    const int grid = std::min(std::max(1, p.numTokens), ctx->waitingBlockBudget);
+    dispatch_direct_kernel<<<std::max(1, grid), kThreads, sendSmem, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+    return bunEpSuccess;
+  }
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
     // One kernel: no second launch, no kernel boundary between the phases.
     const int grid = std::min(std::max(p.numTokens, El * p.recvSplitsPerExpert), ctx->waitingBlockBudget);
