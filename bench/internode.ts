@@ -43,7 +43,7 @@ const oneGpu = deviceCount() === 1;
 const commStream = Stream.create({ device: DEVICE });
 const computeStream = Stream.create({ device: DEVICE });
 const engine = await InternodeEngine.create({
-  init: { group, bufferId: 1, device: DEVICE, numNvlBytes: 1024 << 20, numRdmaBytes: 512 << 20, lowLatency: null, timeoutMs: 30_000 },
+  init: { group, bufferId: 1, device: DEVICE, numNvlBytes: 1024 << 20, numRdmaBytes: 512 << 20, lowLatency: null, timeoutMs: 8_000 },
   commStream,
   computeStream,
 });

@@ -10,6 +10,7 @@ import { internodeAvailability } from "../../lib/backend/cuda_internode.ts";
 import { describeGpu, gpuSkipReason } from "./gpu_env.ts";
 
 const seedBase = Number(process.env.BUN_EP_TEST_SEED ?? Date.now() % 100_000);
+const iterations = Number(process.env.BUN_EP_INTERNODE_ITERATIONS ?? 200);
 const root = resolve(import.meta.dir, "..", "..");
 const fixture = resolve(import.meta.dir, "fixtures/internode_rank.ts");
 
@@ -31,8 +32,11 @@ function runRanks(nodes: number, ranksPerNode: number, mode: string[], seed: num
       },
     },
   );
-  if (run.status !== 0) console.error(`${nodes}x${ranksPerNode} ${mode.join(" ")} seed ${seed} (status ${run.status})\n`, run.stdout, run.stderr);
-  else console.log(run.stdout.split("\n").filter((l) => l.includes("internode_rank ok")).join("\n"));
+  if (run.status !== 0) {
+    console.error(`${nodes}x${ranksPerNode} ${mode.join(" ")} seed ${seed} (status ${run.status}${run.signal ? `, ${run.signal}` : ""})\n`, run.stdout, run.stderr);
+    // MPS refuses new clients for a moment after one was killed mid-kernel: let the next test start clean.
+    Bun.sleepSync(3000);
+  } else console.log(run.stdout.split("\n").filter((l) => l.includes("internode_rank ok")).join("\n"));
   expect(run.status).toBe(0);
   for (let r = 0; r < nproc; r++) expect(run.stdout).toContain(`[rank ${r}] internode_rank ok`);
 }
@@ -50,11 +54,11 @@ describeInternode(
   () => {
     for (const [nodes, perNode] of [[2, 1], [2, 2], [4, 1]] as const) {
       test(`${nodes} nodes x ${perNode} ranks: layout, bf16/fp8, cached, numWorstTokens, skewed and empty routing, combine`, () => {
-        runRanks(nodes, perNode, ["suite"], seedBase, 100);
-      }, 110_000);
+        runRanks(nodes, perNode, ["suite"], seedBase, 60);
+      }, 70_000);
     }
-    test("2 nodes x 2 ranks: 200 random iterations on one engine", () => {
-      runRanks(2, 2, ["iterations", "200"], seedBase + 7, 150);
-    }, 160_000);
+    test(`2 nodes x 2 ranks: ${iterations} random iterations on one engine`, () => {
+      runRanks(2, 2, ["iterations", String(iterations)], seedBase + 7, 110);
+    }, 120_000);
   },
 );
