@@ -260,13 +260,15 @@ __device__ void load_routing(const int64_t* topkIdx, int numTokens, int numTopk,
 
 // Grid completion: true in exactly one block (the last to arrive), after every block's writes
 // are visible system-wide. The counter is reset by that block for the next launch.
+// acq_rel fences (not sequentially consistent ones): each block's fence before the counter and the
+// last block's fence after it synchronize through the counter, which is all the flags need.
 __device__ bool last_block_to_finish(int* counter, int* s_flag) {
-  __threadfence_system();
+  fence_sys();
   __syncthreads();
   if (threadIdx.x == 0) *s_flag = atomicAdd(counter, 1) == (int)gridDim.x - 1;
   __syncthreads();
   if (!*s_flag) return false;
-  __threadfence_system();
+  fence_sys();
   if (threadIdx.x == 0) *counter = 0;
   return true;
 }
@@ -1365,8 +1367,12 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
                                : reinterpret_cast<__nv_bfloat16*>(ctx->local + args->parity * l.parityBytes + l.combinedX);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
   // The send phase spreads rows over every warp of its grid; the prefix of counts is (El + 1) ints.
+  // Grid by the work: at most R * M * min(maxTopk, El) rows arrive here (a warp each) and the
+  // receive phase takes a block per token; tiny calls then pay for few blocks' fences.
   const size_t sendSmem = (size_t)(l.numLocalExperts + 1) * sizeof(int);
-  const int grid = std::max(1, ctx->waitingBlockBudget);
+  const int64_t rowsBound = (int64_t)l.numRanks * l.maxTokens * std::min(l.maxTopk, l.numLocalExperts);
+  const int64_t workBlocks = std::max<int64_t>(p.numTokens, (rowsBound + kWarps - 1) / kWarps);
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(workBlocks, ctx->waitingBlockBudget));
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
     combine_fused_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
