@@ -58,6 +58,26 @@ def per_token_cast_to_fp8(x):
     return values, amax / 448.0
 
 
+# Spin cycles queued before each timed call, as bench/normal.ts does (--launch-slack-us): it
+# absorbs the ranks' host launch skew so that both libraries are timed the same way.
+SLACK_CYCLES = 0
+
+
+def calibrate_slack(slack_us):
+    """Cycles of torch.cuda._sleep that take about slack_us on this GPU (measured, not assumed)."""
+    global SLACK_CYCLES
+    if slack_us <= 0:
+        return
+    probe = 1_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(probe)
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    end.synchronize()
+    SLACK_CYCLES = int(probe * (slack_us / 1000.0) / max(start.elapsed_time(end), 1e-6))
+
+
 def time_call(fn, flush, cpu_group):
     """Median ms of `fn` over RUNS samples after WARMUPS, each after an L2 flush and a barrier."""
     samples = []
@@ -67,6 +87,8 @@ def time_call(fn, flush, cpu_group):
         dist.barrier(group=cpu_group)
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        if SLACK_CYCLES > 0:
+            torch.cuda._sleep(SLACK_CYCLES)
         start.record()
         result = fn()
         end.record()
@@ -89,6 +111,7 @@ def run_rank(local_rank, num_ranks, port, opts, rows_path):
     deep_ep = import_deep_ep()
 
     sms_list = [int(s) for s in opts.sms.split(",")]
+    calibrate_slack(opts.launch_slack_us)
     configs = [deep_ep.Config(s, c, NVL_RECV_TOKENS) for s in sms_list for c in DISPATCH_CHUNKS + COMBINE_CHUNKS]
     hint = max(c.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks) for c in configs)
     num_nvl_bytes = max(int(2e9), hint)
@@ -180,6 +203,8 @@ def main():
     parser.add_argument("--num-processes", type=int, default=0, help="ranks, one per GPU (default: every GPU)")
     parser.add_argument("--sms", default="24,20,32", help="SM counts to sweep, even; the first is the headline (24)")
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--launch-slack-us", type=float, default=300.0,
+                        help="GPU spin queued before each timed call, as bench/normal.ts (0 = off)")
     parser.add_argument("--out", default="", help="JSON file to write")
     opts = parser.parse_args()
     if any(int(s) % 2 for s in opts.sms.split(",")):
