@@ -280,6 +280,7 @@ step "$BENCH_LOG" "examples/decode-loop.ts (hook overlap)" 90 decode_loop_exampl
 mps_start >> "$TESTS_LOG" 2>&1
 step "$TESTS_LOG" "test/gpu/normal.test.ts (as is)" 240 "test_file test/gpu/normal.test.ts"
 step "$TESTS_LOG" "test/gpu/low_latency.test.ts (as is)" 180 "test_file test/gpu/low_latency.test.ts"
+step "$TESTS_LOG" "test/gpu/internode.test.ts (as is: virtual nodes on GPU 0)" 110 "test_file test/gpu/internode.test.ts"
 mps_stop >> "$TESTS_LOG" 2>&1
 
 # ---- summary ------------------------------------------------------------------------------------------
