@@ -26,14 +26,13 @@ import {
   NORMAL_HOST_RECORD_BYTES,
   NORMAL_MAX_CHANNELS,
   NORMAL_MAX_RANKS,
-  NORMAL_STEP_NAMES,
   NORMAL_WORKSPACE_BYTES,
-  NormalError,
   Rec,
 } from "../native/normal.ts";
 import { Event, Stream, withDevice } from "../stream.ts";
 import type { DType } from "../dtype.ts";
 import { DeviceTensor, HostTensor, PinnedTensor, type Tensor } from "../tensor.ts";
+import { CommOrder, notifyTimeoutError, pollNotify, ptrOf, recordedError, StructWriter } from "./cuda_common.ts";
 import { exchangePeerPointers, PeerBuffer, type PeerPointers } from "./cuda_peers.ts";
 import type { InternodeEngine } from "./cuda_internode.ts";
 import type {
@@ -92,30 +91,6 @@ interface RecvTensors {
 
 /** Fields of bunEpNormalComm_t: rank, numRanks, peerBuffers[8], bufferBytes, hostRecord, workspace, timeoutNs, seq, stream. */
 const COMM_FIELDS = 2 + NORMAL_MAX_RANKS + 6;
-
-/** Fills an argument struct of 8-byte fields in header order. */
-class StructWriter {
-  readonly data: BigInt64Array;
-  #at = 0;
-  constructor(fields: number) {
-    this.data = new BigInt64Array(fields);
-  }
-  put(value: number | bigint): this {
-    if (this.#at >= this.data.length) throw new Error(`internal: argument struct overflow (${this.data.length} fields)`);
-    this.data[this.#at++] = BigInt(value);
-    return this;
-  }
-  /** The filled struct; every field must have been written. */
-  done(): BigInt64Array {
-    if (this.#at !== this.data.length) throw new Error(`internal: argument struct has ${this.#at} of ${this.data.length} fields`);
-    return this.data;
-  }
-  get length(): number {
-    return this.#at;
-  }
-}
-
-const ptrOf = (t: Tensor | null | undefined): number => (t == null ? 0 : (t as DeviceTensor).ptr);
 
 /** Share of the registered buffer after the control region that is staging area; the rest is the arena. */
 const STAGING_SHARE = 0.5;
@@ -338,20 +313,6 @@ class LaunchBatch {
   }
 }
 
-/** Short synchronous spin, then yield to the event loop between polls. */
-async function pollUntil(done: () => boolean, timeoutMs: number): Promise<boolean> {
-  const spinEnd = performance.now() + 0.05;
-  while (performance.now() < spinEnd) if (done()) return true;
-  const deadline = performance.now() + timeoutMs;
-  let polls = 0;
-  while (!done()) {
-    if (performance.now() > deadline) return false;
-    // setImmediate keeps latency low at first; then back off to 1 ms timers.
-    await new Promise<void>((resolve) => (polls++ < 2000 ? setImmediate(resolve) : setTimeout(resolve, 1)));
-  }
-  return true;
-}
-
 const handleRegistry = new FinalizationRegistry<{ backend: WeakRef<CudaBackend>; data: CudaHandleData }>((held) => {
   const backend = held.backend.deref();
   if (backend === undefined || backend.closed) return;
@@ -385,8 +346,8 @@ class CudaBackend implements Backend {
   #internode: InternodeEngine | null = null;
   /** The ranks of this process on this device, whose normal kernels run as one launch. */
   readonly #batch: LaunchBatch | null;
-  /** Ordering helper: the comm stream waits on the compute stream when no previousEvent. */
-  readonly #orderEvent: Event;
+  /** Orders the comm stream against the compute stream; allocates on the comm stream. */
+  readonly #order: CommOrder;
   #seq = 0;
   #unusable: Error | null = null;
   #closed = false;
@@ -419,7 +380,7 @@ class CudaBackend implements Backend {
     this.#record = record;
     this.#workspace = workspace;
     this.#lowLatency = lowLatency;
-    this.#orderEvent = Event.create({ device: init.device });
+    this.#order = new CommOrder(init.device, commStream, computeStream);
   }
 
   static async create(init: BackendInit): Promise<CudaBackend> {
@@ -485,33 +446,12 @@ class CudaBackend implements Backend {
   #throwIfFailed(): void {
     if (this.#closed) throw new Error(`rank ${this.rank}: this CUDA backend is closed`);
     if (this.#unusable !== null) throw this.#unusable;
-    const rec = this.#record.data;
-    const code = rec[Rec.errorCode] ?? 0;
-    if (code === 0) return;
-    const who = rec[Rec.errorRank] ?? -1;
-    const a = rec[Rec.errorA] ?? 0;
-    const b = rec[Rec.errorB] ?? 0;
-    const step = NORMAL_STEP_NAMES[rec[Rec.errorStep] ?? 0] ?? "a normal kernel";
-    const tail = "; this EpBuffer is unusable now, create a new one";
-    let message: string;
-    let status: number = Status.InternalError;
-    if (code === NormalError.timeout) {
-      status = Status.Timeout;
-      message = `rank ${this.rank}: ${step} timed out after ${this.#init.timeoutMs} ms waiting for rank ${who}, which never arrived (call ${rec[Rec.errorSeq]})`;
-    } else if (code === NormalError.badTopk) {
-      status = Status.InvalidArgument;
-      message = `rank ${who}: topkIdx: token ${a} has expert ${b}, expected a value in [-1, numExperts) (found by the ${step} kernel)`;
-    } else if (code === NormalError.worstOverflow) {
-      status = Status.InvalidArgument;
-      message = `numWorstTokens: rank ${who} receives ${a} rows but numWorstTokens is ${b}; pass numWorstTokens >= ${a}`;
-    } else if (code === NormalError.staging) {
-      status = Status.InvalidArgument;
-      message = `numNvlBytes: rank ${who} needs ${a} staging rows in ${step} but only ${b} fit in numNvlBytes = ${this.#init.numNvlBytes}; raise numNvlBytes`;
-    } else {
-      message = `rank ${this.rank}: unknown error code ${code} from ${step}`;
-    }
-    this.#unusable = new BunEpError(status, `rank ${this.rank} EpBuffer`, message + tail);
-    throw this.#unusable;
+    this.#unusable = recordedError(this.#record.data, this.rank, this.#init.timeoutMs, this.#init.numNvlBytes, {
+      unknownStep: "a normal kernel",
+      stepPrefix: "",
+      stagingWhat: "staging rows",
+    });
+    if (this.#unusable !== null) throw this.#unusable;
   }
 
   #requireNormal(what: string): { buffer: PeerBuffer; peers: PeerPointers } {
@@ -525,25 +465,11 @@ class CudaBackend implements Backend {
   // ---- stream ordering ----------------------------------------------------------------------------
 
   #waitBefore(previousEvent: EventLike | null): void {
-    if (previousEvent !== null) {
-      previousEvent.waitOn(this.commStream.handle);
-      return;
-    }
-    // No event: order after this rank's compute stream (where fromHost and the user's work run).
-    this.#orderEvent.record(this.computeStream);
-    this.#orderEvent.waitOn(this.commStream);
+    this.#order.waitBefore(previousEvent);
   }
 
   #finish(asyncFinish: boolean): EventLike | null {
-    const event = Event.create({ device: this.device }).record(this.commStream);
-    if (asyncFinish) return event;
-    event.waitOn(this.computeStream);
-    event.close();
-    return null;
-  }
-
-  #empty<D extends "bf16" | "fp8_e4m3" | "f32" | "i32" | "i64" | "u8">(dtype: D, shape: readonly number[]): DeviceTensor<D> {
-    return DeviceTensor.empty(dtype, shape, { device: this.device, stream: this.commStream });
+    return this.#order.finish(asyncFinish);
   }
 
   /** The fields of bunEpNormalComm_t for call `seq`. */
@@ -575,9 +501,9 @@ class CudaBackend implements Backend {
     const numTokens = topkIdx.shape[0] ?? 0;
     const topk = topkIdx.shape[1] ?? 0;
     this.#waitBefore(previousEvent);
-    const numTokensPerRank = this.#empty("i32", [this.numRanks]);
-    const numTokensPerExpert = this.#empty("i32", [numExperts]);
-    const isTokenInRank = this.#empty("u8", [numTokens, this.numRanks]);
+    const numTokensPerRank = this.#order.empty("i32", [this.numRanks]);
+    const numTokensPerExpert = this.#order.empty("i32", [numExperts]);
+    const isTokenInRank = this.#order.empty("u8", [numTokens, this.numRanks]);
     const w = new StructWriter(11);
     w.put(ptrOf(topkIdx)).put(numTokensPerRank.ptr).put(numTokensPerExpert.ptr).put(isTokenInRank.ptr);
     w.put(numTokens).put(topk).put(numExperts).put(this.numRanks).put(this.rank).put(this.#record.devicePtr).put(this.commStream.handle);
@@ -632,8 +558,8 @@ class CudaBackend implements Backend {
       );
     }
     const handleBytes = Number(native().bun_ep_normal_handle_bytes(numTokens, this.numRanks));
-    const handleMem = this.#empty("i32", [handleBytes / 4]);
-    const recvCountPerExpert = this.#empty("i32", [numLocalExperts]);
+    const handleMem = this.#order.empty("i32", [handleBytes / 4]);
+    const recvCountPerExpert = this.#order.empty("i32", [numLocalExperts]);
     const notifySeq = ++this.#seq;
     const w = new StructWriter(COMM_FIELDS + 10);
     this.#putComm(w, notifySeq);
@@ -654,7 +580,7 @@ class CudaBackend implements Backend {
         recvTopkIdx,
         recvTopkWeights,
         numRecvTokensPerExpert: perExpert,
-        recvCountPerExpert: this.#copyOf(recvCountPerExpert),
+        recvCountPerExpert: this.#order.copyOf(recvCountPerExpert),
         numRecvTokens,
         handle: this.#makeHandle(data, numTokens, hidden, numRecvTokens, numRecvRows),
         event: this.#finish(args.asyncFinish),
@@ -680,18 +606,10 @@ class CudaBackend implements Backend {
   }
 
   async #awaitNotify(seq: number): Promise<void> {
-    const rec = this.#record.data;
-    const arrived = (): boolean => rec[Rec.notifySeq]! >= seq || rec[Rec.errorCode]! !== 0;
-    // The device gives up after timeoutMs and names the missing rank; the host waits a little longer.
-    const ok = await pollUntil(arrived, this.#init.timeoutMs * 1.5 + 2000);
+    const ok = await pollNotify(this.#record.data, seq, this.#init.timeoutMs);
     this.#throwIfFailed();
     if (!ok) {
-      this.#unusable = new BunEpError(
-        Status.Timeout,
-        `rank ${this.rank} dispatch`,
-        `the notify step did not finish within ${this.#init.timeoutMs * 1.5 + 2000} ms and the device reported no missing rank ` +
-          `(was the kernel ever scheduled? several processes on one GPU need MPS); this EpBuffer is unusable now`,
-      );
+      this.#unusable = notifyTimeoutError(this.rank, "the notify step", this.#init.timeoutMs);
       throw this.#unusable;
     }
   }
@@ -728,7 +646,7 @@ class CudaBackend implements Backend {
         );
       }
     }
-    for (const [name, type, shape] of shapes) out[name] = this.#empty(type as "bf16", shape);
+    for (const [name, type, shape] of shapes) out[name] = this.#order.empty(type as "bf16", shape);
     return out;
   }
 
@@ -762,15 +680,11 @@ class CudaBackend implements Backend {
       recvTopkIdx: null,
       recvTopkWeights: null,
       numRecvTokensPerExpert: null,
-      recvCountPerExpert: this.#copyOf(data.recvCountPerExpert),
+      recvCountPerExpert: this.#order.copyOf(data.recvCountPerExpert),
       numRecvTokens: handle.numRecvTokens,
       handle,
       event: this.#finish(args.asyncFinish),
     }));
-  }
-
-  #copyOf(t: DeviceTensor<"i32">): DeviceTensor<"i32"> {
-    return this.#empty("i32", t.shape).copyFrom(t, this.commStream);
   }
 
   #makeHandle(data: CudaHandleData, numTokens: number, hidden: number, numRecvTokens: number | null, numRecvRows: number): DispatchHandle {
@@ -798,8 +712,8 @@ class CudaBackend implements Backend {
     const topk = args.topkWeights?.shape[1] ?? 0;
     const numBlocks = this.#numChannels(args.config.numSMs);
     this.#waitBefore(args.previousEvent);
-    const combinedX = this.#empty("bf16", [numTokens, hidden]);
-    const combinedTopkWeights = args.topkWeights !== null ? this.#empty("f32", [numTokens, topk]) : null;
+    const combinedX = this.#order.empty("bf16", [numTokens, hidden]);
+    const combinedTopkWeights = args.topkWeights !== null ? this.#order.empty("f32", [numTokens, topk]) : null;
     // Rows that lie in this rank's arena are pulled by the home ranks (no push into their staging).
     const xDirect = this.#inArena(args.x) && (args.topkWeights === null || this.#inArena(args.topkWeights));
     const seq = ++this.#seq;
@@ -927,7 +841,7 @@ class CudaBackend implements Backend {
       this.#workspace.free(this.commStream);
       this.commStream.synchronize();
       this.#record.free();
-      this.#orderEvent.close();
+      this.#order.close();
       this.#arena?.close();
       this.commStream.close();
       if (this.#ownsComputeStream) this.computeStream.close();

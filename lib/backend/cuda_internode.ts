@@ -26,9 +26,10 @@ import {
   InternodeCapacity,
   InternodeRec,
 } from "../native/internode.ts";
-import { NORMAL_HOST_RECORD_BYTES, NORMAL_STEP_NAMES, NORMAL_WORKSPACE_BYTES, NormalError, Rec } from "../native/normal.ts";
-import { Event, Stream, withDevice } from "../stream.ts";
+import { NORMAL_HOST_RECORD_BYTES, NORMAL_WORKSPACE_BYTES, Rec } from "../native/normal.ts";
+import { type Stream, withDevice } from "../stream.ts";
 import { DeviceTensor, PinnedTensor, type Tensor } from "../tensor.ts";
+import { CommOrder, notifyTimeoutError, pollNotify, ptrOf, recordedError, StructWriter } from "./cuda_common.ts";
 import { DEFAULT_NVSHMEM_HEAP_BYTES, NvshmemContext, nvshmemBuilt } from "./nvshmem.ts";
 import type {
   BackendInit,
@@ -70,39 +71,6 @@ interface InternodeHandleData {
   numExperts: number;
   topk: number;
   xDType: "bf16" | "fp8_e4m3";
-}
-
-/** Fills an argument struct of 8-byte fields in header order. */
-class StructWriter {
-  readonly data: BigInt64Array;
-  #at = 0;
-  constructor(fields: number) {
-    this.data = new BigInt64Array(fields);
-  }
-  put(value: number | bigint): this {
-    if (this.#at >= this.data.length) throw new Error(`internal: argument struct overflow (${this.data.length} fields)`);
-    this.data[this.#at++] = BigInt(value);
-    return this;
-  }
-  done(): BigInt64Array {
-    if (this.#at !== this.data.length) throw new Error(`internal: argument struct has ${this.#at} of ${this.data.length} fields`);
-    return this.data;
-  }
-}
-
-const ptrOf = (t: Tensor | null | undefined): number => (t == null ? 0 : (t as DeviceTensor).ptr);
-
-/** Short synchronous spin, then yield to the event loop between polls. */
-async function pollUntil(done: () => boolean, timeoutMs: number): Promise<boolean> {
-  const spinEnd = performance.now() + 0.05;
-  while (performance.now() < spinEnd) if (done()) return true;
-  const deadline = performance.now() + timeoutMs;
-  let polls = 0;
-  while (!done()) {
-    if (performance.now() > deadline) return false;
-    await new Promise<void>((resolve) => (polls++ < 2000 ? setImmediate(resolve) : setTimeout(resolve, 1)));
-  }
-  return true;
 }
 
 /** Capacities of the engine's buffers for one row shape (same numbers on every rank). */
@@ -171,7 +139,7 @@ export class InternodeEngine {
   readonly #nvlPeers: readonly number[];
   readonly #record: PinnedTensor<"i32">;
   readonly #workspace: DeviceTensor<"u8">;
-  readonly #orderEvent: Event;
+  readonly #order: CommOrder;
   #seq = 0;
   #unusable: Error | null = null;
   #closed = false;
@@ -200,7 +168,7 @@ export class InternodeEngine {
     this.#nvlPeers = nvlPeers;
     this.#record = record;
     this.#workspace = workspace;
-    this.#orderEvent = Event.create({ device: init.device });
+    this.#order = new CommOrder(init.device, opts.commStream, opts.computeStream);
   }
 
   /**
@@ -295,59 +263,30 @@ export class InternodeEngine {
   #throwIfFailed(): void {
     if (this.#closed) throw new Error(`rank ${this.rank}: this internode engine is closed`);
     if (this.#unusable !== null) throw this.#unusable;
-    const rec = this.#record.data;
-    const code = rec[Rec.errorCode] ?? 0;
-    if (code === 0) return;
-    const who = rec[Rec.errorRank] ?? -1;
-    const a = rec[Rec.errorA] ?? 0;
-    const b = rec[Rec.errorB] ?? 0;
-    const step = NORMAL_STEP_NAMES[rec[Rec.errorStep] ?? 0] ?? "an internode kernel";
-    const tail = "; this EpBuffer is unusable now, create a new one";
-    let message: string;
-    let status: number = Status.InternalError;
-    if (code === NormalError.timeout) {
-      status = Status.Timeout;
-      message = `rank ${this.rank}: internode ${step} timed out after ${this.#init.timeoutMs} ms waiting for rank ${who}, which never arrived (call ${rec[Rec.errorSeq]})`;
-    } else if (code === NormalError.badTopk) {
-      status = Status.InvalidArgument;
-      message = `rank ${who}: topkIdx: token ${a} has expert ${b}, expected a value in [-1, numExperts) (found by the internode ${step} kernel)`;
-    } else if (code === NormalError.worstOverflow) {
-      status = Status.InvalidArgument;
-      message = `numWorstTokens: rank ${who} receives ${a} rows but numWorstTokens is ${b}; pass numWorstTokens >= ${a}`;
-    } else if (code === NormalError.staging) {
-      status = Status.InvalidArgument;
-      message = `numNvlBytes: rank ${who} needs ${a} rows (or pairs) of its NVL buffer in ${step} but only ${b} fit in numNvlBytes = ${this.#init.numNvlBytes}; raise numNvlBytes`;
-    } else if (code === INTERNODE_ERR_RDMA) {
-      status = Status.InvalidArgument;
-      message = `numRdmaBytes: rank ${who} needs ${a} rows (or pairs) of an RDMA-buffer area in ${step} but only ${b} fit in numRdmaBytes = ${this.#init.numRdmaBytes}; raise numRdmaBytes`;
-    } else {
-      message = `rank ${this.rank}: unknown error code ${code} from internode ${step}`;
-    }
-    this.#unusable = new BunEpError(status, `rank ${this.rank} EpBuffer`, message + tail);
-    throw this.#unusable;
+    const numRdmaBytes = this.#init.numRdmaBytes;
+    this.#unusable = recordedError(this.#record.data, this.rank, this.#init.timeoutMs, this.#init.numNvlBytes, {
+      unknownStep: "an internode kernel",
+      stepPrefix: "internode ",
+      stagingWhat: "rows (or pairs) of its NVL buffer",
+      extra: (code, who, a, b, step) =>
+        code === INTERNODE_ERR_RDMA
+          ? {
+              status: Status.InvalidArgument,
+              message: `numRdmaBytes: rank ${who} needs ${a} rows (or pairs) of an RDMA-buffer area in ${step} but only ${b} fit in numRdmaBytes = ${numRdmaBytes}; raise numRdmaBytes`,
+            }
+          : undefined,
+    });
+    if (this.#unusable !== null) throw this.#unusable;
   }
 
   // ---- stream ordering ----------------------------------------------------------------------------
 
   #waitBefore(previousEvent: EventLike | null): void {
-    if (previousEvent !== null) {
-      previousEvent.waitOn(this.commStream.handle);
-      return;
-    }
-    this.#orderEvent.record(this.computeStream);
-    this.#orderEvent.waitOn(this.commStream);
+    this.#order.waitBefore(previousEvent);
   }
 
   #finish(asyncFinish: boolean): EventLike | null {
-    const event = Event.create({ device: this.device }).record(this.commStream);
-    if (asyncFinish) return event;
-    event.waitOn(this.computeStream);
-    event.close();
-    return null;
-  }
-
-  #empty<D extends "bf16" | "fp8_e4m3" | "f32" | "i32" | "i64" | "u8">(dtype: D, shape: readonly number[]): DeviceTensor<D> {
-    return DeviceTensor.empty(dtype, shape, { device: this.device, stream: this.commStream });
+    return this.#order.finish(asyncFinish);
   }
 
   #putComm(w: StructWriter, seq: number): void {
@@ -381,10 +320,10 @@ export class InternodeEngine {
     const numTokens = topkIdx.shape[0] ?? 0;
     const topk = topkIdx.shape[1] ?? 0;
     this.#waitBefore(previousEvent);
-    const numTokensPerRank = this.#empty("i32", [this.numRanks]);
-    const numTokensPerRdmaRank = this.#empty("i32", [this.numNodes]);
-    const numTokensPerExpert = this.#empty("i32", [numExperts]);
-    const isTokenInRank = this.#empty("u8", [numTokens, this.numRanks]);
+    const numTokensPerRank = this.#order.empty("i32", [this.numRanks]);
+    const numTokensPerRdmaRank = this.#order.empty("i32", [this.numNodes]);
+    const numTokensPerExpert = this.#order.empty("i32", [numExperts]);
+    const isTokenInRank = this.#order.empty("u8", [numTokens, this.numRanks]);
     const w = new StructWriter(INTERNODE_LAYOUT_FIELDS);
     w.put(ptrOf(topkIdx)).put(numTokensPerRank.ptr).put(numTokensPerRdmaRank.ptr).put(numTokensPerExpert.ptr).put(isTokenInRank.ptr);
     w.put(numTokens).put(topk).put(numExperts).put(this.numRanks).put(this.ranksPerNode).put(this.rank).put(this.#record.devicePtr);
@@ -430,8 +369,8 @@ export class InternodeEngine {
       );
     }
     const handleBytes = Number(native().bun_ep_internode_handle_bytes(numTokens, this.numRanks, this.ranksPerNode));
-    const handleMem = this.#empty("i32", [handleBytes / 4]);
-    const recvCountPerExpert = this.#empty("i32", [numLocalExperts]);
+    const handleMem = this.#order.empty("i32", [handleBytes / 4]);
+    const recvCountPerExpert = this.#order.empty("i32", [numLocalExperts]);
     const notifySeq = ++this.#seq;
     const w = new StructWriter(INTERNODE_COMM_FIELDS + INTERNODE_NOTIFY_EXTRA_FIELDS);
     this.#putComm(w, notifySeq);
@@ -440,11 +379,11 @@ export class InternodeEngine {
     check(native().bun_ep_internode_notify(w.done()), `rank ${this.rank}: dispatch (internode notify)`);
 
     const launchData = (numRecvTokens: number | null, numRecvRows: number, perExpert: number[] | null): DispatchResult => {
-      const recvX = this.#empty(x.dtype as "bf16" | "fp8_e4m3", [numRecvRows, hidden]);
-      const recvXScales = fp8 ? this.#empty("f32", [numRecvRows, hidden / 128]) : null;
-      const recvTopkIdx = this.#empty("i64", [numRecvRows, topk]);
-      const recvTopkWeights = args.topkWeights !== null ? this.#empty("f32", [numRecvRows, topk]) : null;
-      const recvMeta = this.#empty("i32", [numRecvRows, 2]);
+      const recvX = this.#order.empty(x.dtype as "bf16" | "fp8_e4m3", [numRecvRows, hidden]);
+      const recvXScales = fp8 ? this.#order.empty("f32", [numRecvRows, hidden / 128]) : null;
+      const recvTopkIdx = this.#order.empty("i64", [numRecvRows, topk]);
+      const recvTopkWeights = args.topkWeights !== null ? this.#order.empty("f32", [numRecvRows, topk]) : null;
+      const recvMeta = this.#order.empty("i32", [numRecvRows, 2]);
       const data: InternodeHandleData = {
         engine: "internode",
         handleMem,
@@ -462,7 +401,7 @@ export class InternodeEngine {
         recvTopkIdx,
         recvTopkWeights,
         numRecvTokensPerExpert: perExpert,
-        recvCountPerExpert: this.#copyOf(recvCountPerExpert),
+        recvCountPerExpert: this.#order.copyOf(recvCountPerExpert),
         numRecvTokens,
         handle: this.#makeHandle(data, numTokens, hidden, numRecvTokens, numRecvRows),
         event: this.#finish(args.asyncFinish),
@@ -503,18 +442,10 @@ export class InternodeEngine {
   }
 
   async #awaitNotify(seq: number): Promise<void> {
-    const rec = this.#record.data;
-    const arrived = (): boolean => rec[Rec.notifySeq]! >= seq || rec[Rec.errorCode]! !== 0;
-    const limitMs = this.#init.timeoutMs * 1.5 + 2000;
-    const ok = await pollUntil(arrived, limitMs);
+    const ok = await pollNotify(this.#record.data, seq, this.#init.timeoutMs);
     this.#throwIfFailed();
     if (!ok) {
-      this.#unusable = new BunEpError(
-        Status.Timeout,
-        `rank ${this.rank} dispatch`,
-        `the internode notify step did not finish within ${limitMs} ms and the device reported no missing rank ` +
-          `(was the kernel ever scheduled? several processes on one GPU need MPS); this EpBuffer is unusable now`,
-      );
+      this.#unusable = notifyTimeoutError(this.rank, "the internode notify step", this.#init.timeoutMs);
       throw this.#unusable;
     }
   }
@@ -547,8 +478,8 @@ export class InternodeEngine {
     if (handle.numRecvRows > cap.stagingRows) {
       throw new RangeError(`numNvlBytes: ${handle.numRecvRows} rows do not fit the NVL buffer (${cap.stagingRows} rows); raise numNvlBytes`);
     }
-    const recvX = this.#empty(x.dtype as "bf16" | "fp8_e4m3", [handle.numRecvRows, hidden]);
-    const recvXScales = fp8 ? this.#empty("f32", [handle.numRecvRows, hidden / 128]) : null;
+    const recvX = this.#order.empty(x.dtype as "bf16" | "fp8_e4m3", [handle.numRecvRows, hidden]);
+    const recvXScales = fp8 ? this.#order.empty("f32", [handle.numRecvRows, hidden / 128]) : null;
     this.#launchDispatch({ ...args, topkIdx: null, topkWeights: null }, data, handle.numRecvRows, {
       recvX,
       recvXScales,
@@ -562,15 +493,11 @@ export class InternodeEngine {
       recvTopkIdx: null,
       recvTopkWeights: null,
       numRecvTokensPerExpert: null,
-      recvCountPerExpert: this.#copyOf(data.recvCountPerExpert),
+      recvCountPerExpert: this.#order.copyOf(data.recvCountPerExpert),
       numRecvTokens: handle.numRecvTokens,
       handle,
       event: this.#finish(args.asyncFinish),
     };
-  }
-
-  #copyOf(t: DeviceTensor<"i32">): DeviceTensor<"i32"> {
-    return this.#empty("i32", t.shape).copyFrom(t, this.commStream);
   }
 
   #makeHandle(data: InternodeHandleData, numTokens: number, hidden: number, numRecvTokens: number | null, numRecvRows: number): DispatchHandle {
@@ -592,8 +519,8 @@ export class InternodeEngine {
     }
     const numBlocks = this.#numChannels(args.config.numSMs);
     this.#waitBefore(args.previousEvent);
-    const combinedX = this.#empty("bf16", [numTokens, hidden]);
-    const combinedTopkWeights = args.topkWeights !== null ? this.#empty("f32", [numTokens, data.topk]) : null;
+    const combinedX = this.#order.empty("bf16", [numTokens, hidden]);
+    const combinedTopkWeights = args.topkWeights !== null ? this.#order.empty("f32", [numTokens, data.topk]) : null;
     const seq = ++this.#seq;
     const w = new StructWriter(INTERNODE_COMM_FIELDS + INTERNODE_COMBINE_EXTRA_FIELDS);
     this.#putComm(w, seq);
@@ -626,7 +553,7 @@ export class InternodeEngine {
       this.#workspace.free(this.commStream);
       this.commStream.synchronize();
       this.#record.free();
-      this.#orderEvent.close();
+      this.#order.close();
     }
   }
 }
