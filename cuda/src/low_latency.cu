@@ -221,9 +221,13 @@ __device__ __forceinline__ void raise_peer_flag(const Common& c, int owner, int6
   }
 }
 
+// Only the first timeout of this rank names the missing rank. Waits that give up because `failed` is
+// already set, or that expire alongside the first, call this too with their own (often innocent)
+// rank; a plain check of errorWord[0] let them overwrite the name while the first writer's host
+// stores were still in flight, so the claim is an atomic on the (device-local) failed word.
 __device__ __forceinline__ void record_timeout(State* state, volatile int* errorWord, int missingRank, int phase) {
-  *reinterpret_cast<volatile int*>(&state->failed) = 1;
-  if (errorWord[0] != 0) return;
+  if (atomicExch(&state->failed, 1) != 0) return;
+  if (errorWord[0] != 0) return;  // failed was cleared (bun_ep_ll_clean) after an earlier timeout
   errorWord[1] = missingRank;
   errorWord[2] = phase;
   __threadfence_system();
@@ -808,13 +812,20 @@ __device__ void finish_direct_receive(const DispatchParams& p, int seq, const in
   const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
   const int* ready = reinterpret_cast<const int*>(region + l.dispatchReady);
-  for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    if (!s_alive[s]) continue;
+  const auto await_source = [&](int s) {
     const uint64_t start = globaltimer_ns();
     if (ld_volatile(&c.state->failed) != 0 || !wait_at_least(ready + s, seq, c.timeoutNs))
       record_timeout(c.state, c.errorWord, s, kPhaseDispatch);
     if (p.waitStats != nullptr) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
-  }
+  };
+  // Peers first, this rank's own flag after: the own flag is raised by this grid's last block, only
+  // once every block's waits for peers' count words are over, so with a peer missing it is late too;
+  // awaited alongside the peers' flags its timeout could win the record and name this rank. Once
+  // every peer's flag is in, every peer has published its count words and the own flag follows.
+  for (int s = threadIdx.x; s < R; s += blockDim.x)
+    if (s_alive[s] && s != c.rank) await_source(s);
+  __syncthreads();
+  if (threadIdx.x == 0 && s_alive[c.rank]) await_source(c.rank);
   __syncthreads();
   const int64_t* words = reinterpret_cast<const int64_t*>(region + l.countWords);
   int* range = reinterpret_cast<int*>(region + l.layoutRange);
