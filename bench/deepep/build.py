@@ -35,6 +35,18 @@ os.environ.setdefault("MAX_JOBS", "16")
 os.environ["CPLUS_INCLUDE_PATH"] = ":".join(
     p for p in ("/usr/local/cuda/include/cccl", os.environ.get("CPLUS_INCLUDE_PATH", "")) if p)
 
+if args.mode == "full":
+    # DeepEP links `-l:libnvshmem_host.so`, but the pip package ships only libnvshmem_host.so.3
+    # (seen failing on nvidia-h200-x2, 2026-11-23): give the linker that name in a folder of its own.
+    import nvidia  # the pip namespace package that holds nvshmem
+    nvshmem_lib = os.path.join(list(nvidia.__path__)[0], "nvshmem", "lib")
+    link_dir = "/tmp/deepep-nvshmem-link"
+    os.makedirs(link_dir, exist_ok=True)
+    link = os.path.join(link_dir, "libnvshmem_host.so")
+    if not os.path.exists(link):
+        os.symlink(os.path.join(nvshmem_lib, "libnvshmem_host.so.3"), link)
+    os.environ["LIBRARY_PATH"] = ":".join(p for p in (link_dir, os.environ.get("LIBRARY_PATH", "")) if p)
+
 if args.mode == "intranode":
     os.environ.pop("NVSHMEM_DIR", None)
     real_find_spec = importlib.util.find_spec

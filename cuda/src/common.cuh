@@ -23,6 +23,26 @@ struct FeatureRegistration {
   explicit FeatureRegistration(uint64_t featureBit);
 };
 
+// Makes a device current for the enclosing scope and restores the previous one. Entry points that
+// take a stream or a context use it: a rank's stream or buffer may belong to another device than the
+// calling thread's current one (one process driving several GPUs), and CUDA then rejects the call
+// (seen on 2 GPUs: cudaMemcpyAsync with a device-1 stream while device 0 was current failed with
+// cudaErrorInvalidValue).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device);
+  // The device of `stream` (no change for the legacy/default stream, NULL).
+  static DeviceScope of_stream(void* stream);
+  ~DeviceScope();
+  DeviceScope(DeviceScope&& other) noexcept : previous_(other.previous_) { other.previous_ = -1; }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  DeviceScope() = default;
+  int previous_ = -1;
+};
+
 }  // namespace bun_ep
 
 // Return a status from the enclosing bunEpResult_t function when a CUDA call fails.

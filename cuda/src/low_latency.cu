@@ -1286,6 +1286,7 @@ bunEpResult_t bun_ep_ll_views(void* context, int32_t parity, bunEpLowLatencyView
 bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArgs_t* args) {
   Context* ctx = context_of(context);
   BUN_EP_TRY(enter(ctx));
+  const DeviceScope device_scope(ctx->device);
   BUN_EP_REQUIRE(args != nullptr, "args: expected a bunEpLowLatencyDispatchArgs_t pointer, got NULL");
   const bunEpLowLatencyConfig_t& cfg = ctx->config;
   BUN_EP_REQUIRE(args->numTokens >= 0 && args->numTokens <= cfg.maxTokensPerRank,
@@ -1350,6 +1351,7 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
 bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_t* args) {
   Context* ctx = context_of(context);
   BUN_EP_TRY(enter(ctx));
+  const DeviceScope device_scope(ctx->device);
   BUN_EP_REQUIRE(args != nullptr, "args: expected a bunEpLowLatencyCombineArgs_t pointer, got NULL");
   const bunEpLowLatencyConfig_t& cfg = ctx->config;
   BUN_EP_REQUIRE(args->numTokens >= 0 && args->numTokens <= cfg.maxTokensPerRank,

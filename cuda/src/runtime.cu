@@ -107,6 +107,33 @@ bunEpResult_t cuda_error(cudaError_t err, const char* expr, const char* file, in
 
 FeatureRegistration::FeatureRegistration(uint64_t featureBit) { registered_feature_bits() |= featureBit; }
 
+DeviceScope::DeviceScope(int device) {
+  int current = -1;
+  if (device < 0 || cudaGetDevice(&current) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;
+  }
+  if (current == device) return;
+  if (cudaSetDevice(device) == cudaSuccess) previous_ = current;
+  else (void)cudaGetLastError();
+}
+
+DeviceScope DeviceScope::of_stream(void* stream) {
+  if (stream == nullptr) return DeviceScope();
+  int device = -1;
+#if CUDART_VERSION >= 12080
+  if (cudaStreamGetDevice(static_cast<cudaStream_t>(stream), &device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return DeviceScope();
+  }
+#endif
+  return DeviceScope(device);
+}
+
+DeviceScope::~DeviceScope() {
+  if (previous_ >= 0) (void)cudaSetDevice(previous_);
+}
+
 // ---- debug kernels ------------------------------------------------------------------------------
 
 namespace {
@@ -288,6 +315,7 @@ bunEpResult_t bun_ep_stream_destroy(void* stream) {
 }
 
 bunEpResult_t bun_ep_stream_synchronize(void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
   return bunEpSuccess;
 }
@@ -316,12 +344,14 @@ bunEpResult_t bun_ep_event_destroy(void* event) {
 }
 
 bunEpResult_t bun_ep_event_record(void* event, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(event != nullptr, "bun_ep_event_record: event must not be NULL");
   BUN_EP_CUDA_CHECK(cudaEventRecord(as_event(event), as_stream(stream)));
   return bunEpSuccess;
 }
 
 bunEpResult_t bun_ep_stream_wait_event(void* stream, void* event) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(event != nullptr, "bun_ep_stream_wait_event: event must not be NULL");
   BUN_EP_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), as_event(event), 0));
   return bunEpSuccess;
@@ -353,6 +383,7 @@ bunEpResult_t bun_ep_event_elapsed_ms(void* start, void* end, double* ms) {
 // ---- memory ---------------------------------------------------------------------------------------
 
 bunEpResult_t bun_ep_malloc_async(void** ptr, uint64_t bytes, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(ptr != nullptr, "bun_ep_malloc_async: ptr must not be NULL");
   *ptr = nullptr;
   if (bytes == 0) return bunEpSuccess;
@@ -370,6 +401,7 @@ bunEpResult_t bun_ep_malloc_async(void** ptr, uint64_t bytes, void* stream) {
 }
 
 bunEpResult_t bun_ep_free_async(void* ptr, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   if (ptr == nullptr) return bunEpSuccess;
   BUN_EP_CUDA_CHECK(cudaFreeAsync(ptr, as_stream(stream)));
   return bunEpSuccess;
@@ -398,6 +430,7 @@ bunEpResult_t bun_ep_free(void* ptr) {
 }
 
 bunEpResult_t bun_ep_memset_async(void* ptr, int32_t value, uint64_t bytes, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   if (bytes == 0) return bunEpSuccess;
   BUN_EP_REQUIRE(ptr != nullptr, "bun_ep_memset_async: ptr is NULL for %llu bytes", static_cast<unsigned long long>(bytes));
   BUN_EP_CUDA_CHECK(cudaMemsetAsync(ptr, value, bytes, as_stream(stream)));
@@ -405,6 +438,7 @@ bunEpResult_t bun_ep_memset_async(void* ptr, int32_t value, uint64_t bytes, void
 }
 
 bunEpResult_t bun_ep_memcpy_async(void* dst, const void* src, uint64_t bytes, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   if (bytes == 0) return bunEpSuccess;
   BUN_EP_REQUIRE(dst != nullptr && src != nullptr, "bun_ep_memcpy_async: dst and src must not be NULL (%llu bytes)",
                  static_cast<unsigned long long>(bytes));
@@ -504,6 +538,7 @@ bunEpResult_t bun_ep_enable_peer_access(int32_t peerDevice) {
 // ---- graphs ---------------------------------------------------------------------------------------
 
 bunEpResult_t bun_ep_stream_begin_capture(void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(stream != nullptr, "bun_ep_stream_begin_capture: the legacy default stream (0) cannot be captured; "
                                     "use a stream from bun_ep_stream_create");
   BUN_EP_CUDA_CHECK(cudaStreamBeginCapture(as_stream(stream), cudaStreamCaptureModeRelaxed));
@@ -511,6 +546,7 @@ bunEpResult_t bun_ep_stream_begin_capture(void* stream) {
 }
 
 bunEpResult_t bun_ep_stream_end_capture(void* stream, void** graphExec) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(stream != nullptr && graphExec != nullptr,
                  "bun_ep_stream_end_capture: stream and graphExec must not be NULL");
   *graphExec = nullptr;
@@ -525,6 +561,7 @@ bunEpResult_t bun_ep_stream_end_capture(void* stream, void** graphExec) {
 }
 
 bunEpResult_t bun_ep_graph_launch(void* graphExec, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(graphExec != nullptr, "bun_ep_graph_launch: graphExec must not be NULL");
   BUN_EP_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graphExec), as_stream(stream)));
   return bunEpSuccess;
@@ -539,6 +576,7 @@ bunEpResult_t bun_ep_graph_destroy(void* graphExec) {
 // ---- debug kernels ----------------------------------------------------------------------------------
 
 bunEpResult_t bun_ep_debug_write_sequence(int32_t* ptr, int64_t count, int32_t start, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(count >= 0, "bun_ep_debug_write_sequence: count must be >= 0, got %lld", static_cast<long long>(count));
   if (count == 0) return bunEpSuccess;
   BUN_EP_REQUIRE(ptr != nullptr, "bun_ep_debug_write_sequence: ptr must not be NULL");
@@ -551,6 +589,7 @@ bunEpResult_t bun_ep_debug_write_sequence(int32_t* ptr, int64_t count, int32_t s
 }
 
 bunEpResult_t bun_ep_debug_increment(int32_t* counter, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(counter != nullptr, "bun_ep_debug_increment: counter must not be NULL");
   increment_kernel<<<1, 1, 0, as_stream(stream)>>>(counter);
   BUN_EP_LAUNCH_CHECK();
@@ -558,6 +597,7 @@ bunEpResult_t bun_ep_debug_increment(int32_t* counter, void* stream) {
 }
 
 bunEpResult_t bun_ep_debug_copy_bytes(void* dst, const void* src, uint64_t bytes, int32_t numBlocks, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   if (bytes == 0) return bunEpSuccess;
   BUN_EP_REQUIRE(dst != nullptr && src != nullptr, "bun_ep_debug_copy_bytes: dst and src must not be NULL");
   BUN_EP_REQUIRE(numBlocks >= 0, "bun_ep_debug_copy_bytes: numBlocks must be >= 0 (0 = automatic), got %d", numBlocks);
@@ -582,18 +622,21 @@ bunEpResult_t bun_ep_debug_copy_bytes(void* dst, const void* src, uint64_t bytes
 }
 
 bunEpResult_t bun_ep_debug_empty_kernel(void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   empty_kernel<<<1, 1, 0, as_stream(stream)>>>();
   BUN_EP_LAUNCH_CHECK();
   return bunEpSuccess;
 }
 
 bunEpResult_t bun_ep_debug_spin(uint64_t ns, void* stream) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   spin_kernel<<<1, 1, 0, as_stream(stream)>>>(ns);
   BUN_EP_LAUNCH_CHECK();
   return bunEpSuccess;
 }
 
 bunEpResult_t bun_ep_debug_time_launches(int32_t count, void* stream, double* nsPerLaunch) {
+  const DeviceScope device_scope = DeviceScope::of_stream(stream);
   BUN_EP_REQUIRE(count > 0, "bun_ep_debug_time_launches: count must be > 0, got %d", count);
   BUN_EP_REQUIRE(nsPerLaunch != nullptr, "bun_ep_debug_time_launches: nsPerLaunch must not be NULL");
   cudaStream_t s = as_stream(stream);

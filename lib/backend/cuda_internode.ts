@@ -328,7 +328,7 @@ export class InternodeEngine {
     w.put(ptrOf(topkIdx)).put(numTokensPerRank.ptr).put(numTokensPerRdmaRank.ptr).put(numTokensPerExpert.ptr).put(isTokenInRank.ptr);
     w.put(numTokens).put(topk).put(numExperts).put(this.numRanks).put(this.ranksPerNode).put(this.rank).put(this.#record.devicePtr);
     w.put(this.commStream.handle);
-    check(native().bun_ep_internode_layout(w.done()), `rank ${this.rank}: getDispatchLayout (internode)`);
+    withDevice(this.device, () => check(native().bun_ep_internode_layout(w.done()), `rank ${this.rank}: getDispatchLayout (internode)`));
     return { numTokensPerRank, numTokensPerRdmaRank, numTokensPerExpert, isTokenInRank, event: this.#finish(asyncFinish) };
   }
 
@@ -376,7 +376,7 @@ export class InternodeEngine {
     this.#putComm(w, notifySeq);
     w.put(ptrOf(topkIdx)).put(handleMem.ptr).put(recvCountPerExpert.ptr).put(numTokens).put(topk).put(numExperts);
     w.put(numChannels).put(args.expertAlignment).put(args.numWorstTokens);
-    check(native().bun_ep_internode_notify(w.done()), `rank ${this.rank}: dispatch (internode notify)`);
+    withDevice(this.device, () => check(native().bun_ep_internode_notify(w.done()), `rank ${this.rank}: dispatch (internode notify)`));
 
     const launchData = (numRecvTokens: number | null, numRecvRows: number, perExpert: number[] | null): DispatchResult => {
       const recvX = this.#order.empty(x.dtype as "bf16" | "fp8_e4m3", [numRecvRows, hidden]);
@@ -465,7 +465,7 @@ export class InternodeEngine {
     w.put(out.recvX.ptr).put(ptrOf(out.recvXScales)).put(ptrOf(out.recvTopkIdx)).put(ptrOf(out.recvTopkWeights));
     w.put(x.shape[0]!).put(x.shape[1]!).put(fp8 ? 1 : 2).put(args.topkIdx !== null ? data.topk : 0).put(data.numExperts);
     w.put(data.numChannels).put(recvRows);
-    check(native().bun_ep_internode_dispatch(w.done()), `rank ${this.rank}: dispatch (internode)`);
+    withDevice(this.device, () => check(native().bun_ep_internode_dispatch(w.done()), `rank ${this.rank}: dispatch (internode)`));
   }
 
   #cachedDispatch(args: DispatchArgs, handle: DispatchHandle): DispatchResult {
@@ -527,7 +527,7 @@ export class InternodeEngine {
     w.put(data.handleMem.ptr).put(data.recvMeta.ptr).put(ptrOf(args.x)).put(ptrOf(args.topkWeights));
     w.put(ptrOf(args.biases[0])).put(ptrOf(args.biases[1])).put(combinedX.ptr).put(ptrOf(combinedTopkWeights));
     w.put(numTokens).put(hidden).put(data.topk).put(numBlocks).put(args.handle.numRecvRows);
-    check(native().bun_ep_internode_combine(w.done()), `rank ${this.rank}: combine (internode)`);
+    withDevice(this.device, () => check(native().bun_ep_internode_combine(w.done()), `rank ${this.rank}: combine (internode)`));
     return { combinedX, combinedTopkWeights, event: this.#finish(args.asyncFinish) };
   }
 
