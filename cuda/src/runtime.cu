@@ -121,6 +121,14 @@ DeviceScope::DeviceScope(int device) {
 DeviceScope DeviceScope::of_stream(void* stream) {
   if (stream == nullptr) return DeviceScope();
   int device = -1;
+  // A stream under graph capture keeps its device; and asking it (cudaStreamGetDevice) is not
+  // allowed during capture: it would invalidate the capture (seen on 2 GPUs).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &capture) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return DeviceScope();
+  }
+  if (capture != cudaStreamCaptureStatusNone) return DeviceScope();
 #if CUDART_VERSION >= 12080
   if (cudaStreamGetDevice(static_cast<cudaStream_t>(stream), &device) != cudaSuccess) {
     (void)cudaGetLastError();
