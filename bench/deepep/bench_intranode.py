@@ -130,11 +130,19 @@ def run_rank(local_rank, num_ranks, port, opts, rows_path):
 
         num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
         layout_ms = time_call(lambda: buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS), flush, cpu_group)
-        recv_x, _, _, _, handle, _ = buffer.dispatch(
-            x=x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
-            config=deep_ep.Config(sms_list[0], 8, NVL_RECV_TOKENS))
-        torch.cuda.synchronize()
+
+        def make_handle(sms):
+            # A handle's channel layout follows the SM count of the dispatch that made it (DeepEP
+            # asserts on a cached dispatch with another count: seen 2026-11-23), so each SM count of
+            # the sweep gets its own handle.
+            out = buffer.dispatch(
+                x=x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+                config=deep_ep.Config(sms, 8, NVL_RECV_TOKENS))
+            torch.cuda.synchronize()
+            return out[0], out[4]
+
+        recv_x, handle = make_handle(sms_list[0])
         num_recv = recv_x.size(0)
         bytes_bf16 = num_recv * HIDDEN * 2
 
@@ -145,6 +153,7 @@ def run_rank(local_rank, num_ranks, port, opts, rows_path):
 
         dispatch_inputs = (("dispatch bf16", x, bytes_bf16), ("dispatch fp8", (x_fp8, x_scales), bytes_bf16 * FP8_FACTOR))
         for sms in sms_list:
+            recv_x, handle = make_handle(sms)
             for case, current_x, byte_count in dispatch_inputs:
                 for chunk in DISPATCH_CHUNKS:
                     config = deep_ep.Config(sms, chunk, NVL_RECV_TOKENS)
@@ -156,6 +165,7 @@ def run_rank(local_rank, num_ranks, port, opts, rows_path):
                 add_row("combine bf16", sms, chunk, ms, bytes_bf16, "sweep")
         # DeepEP's default configs for this rank count, at the headline SM count.
         deep_ep.Buffer.set_num_sms(sms_list[0])
+        recv_x, handle = make_handle(sms_list[0])
         for case, current_x, byte_count in dispatch_inputs:
             config = deep_ep.Buffer.get_dispatch_config(num_ranks)
             ms = time_call(lambda: buffer.dispatch(x=current_x, handle=handle, config=config), flush, cpu_group)
