@@ -57,6 +57,9 @@ describeInternode(
         runRanks(nodes, perNode, ["suite"], seedBase, 60);
       }, 70_000);
     }
+    test("2 nodes x 2 ranks through the CUDA backend (what EpBuffer uses): it picks the internode kernels from the group layout", () => {
+      runRanks(2, 2, ["backend"], seedBase + 3, 60);
+    }, 70_000);
     test(`2 nodes x 2 ranks: ${iterations} random iterations on one engine`, () => {
       runRanks(2, 2, ["iterations", String(iterations)], seedBase + 7, 110);
     }, 120_000);
