@@ -8,6 +8,7 @@
 import { check, native } from "../lib/ffi.ts";
 import { Event, Stream, deviceCount, withDevice } from "../lib/stream.ts";
 import { DeviceTensor } from "../lib/tensor.ts";
+import { PeerBuffer } from "../lib/backend/cuda_peers.ts";
 import { describeDevices, requireGpu, formatBytes, markdownTable, median, percentile, timeOnStream, writeResults, type Row } from "./common.ts";
 
 function option(name: string, fallback: number): number {
@@ -142,26 +143,39 @@ if (gpus < 2) {
   } else {
     withDevice(0, () => check(lib.bun_ep_enable_peer_access(1), "enable peer access 0->1"));
     withDevice(1, () => check(lib.bun_ep_enable_peer_access(0), "enable peer access 1->0"));
-    const stream = Stream.create({ device: 0 });
+    // cudaMalloc'd buffers (PeerBuffer): stream-ordered pool memory is not reachable from a peer
+    // device unless its pool grants access (seen on 2x H200: cudaErrorInvalidValue).
     const bytes = Math.min(256 * 2 ** 20, SIZES[SIZES.length - 1]!);
-    const local = DeviceTensor.empty("u8", [bytes], { device: 0, stream }).fillBytes(3);
-    const remote = DeviceTensor.empty("u8", [bytes], { device: 1 }).fillBytes(4);
-    remote.stream.synchronize();
+    const streams = [Stream.create({ device: 0 }), Stream.create({ device: 1 })];
+    const src = [PeerBuffer.allocate(0, bytes), PeerBuffer.allocate(1, bytes)];
+    const dst = [PeerBuffer.allocate(0, bytes), PeerBuffer.allocate(1, bytes)];
     const iterations = iterationsFor(bytes);
+    const stream = streams[0]!;
     const cases: [string, Method, number, number][] = [
-      ["memcpyAsync 0->1", "memcpyAsync", remote.ptr, local.ptr],
-      ["kernel push 0->1 (GPU 0 writes)", "kernel", remote.ptr, local.ptr],
-      ["kernel pull 1->0 (GPU 0 reads)", "kernel", local.ptr, remote.ptr],
+      ["memcpyAsync 0->1", "memcpyAsync", dst[1]!.ptr, src[0]!.ptr],
+      ["kernel push 0->1 (GPU 0 writes)", "kernel", dst[1]!.ptr, src[0]!.ptr],
+      ["kernel pull 1->0 (GPU 0 reads)", "kernel", dst[0]!.ptr, src[1]!.ptr],
     ];
-    for (const [name, method, dst, src] of cases) {
-      const times = timeOnStream(stream, () => enqueueCopy(method, dst, src, bytes, stream), { iterations });
+    for (const [name, method, to, from] of cases) {
+      const times = timeOnStream(stream, () => enqueueCopy(method, to, from, bytes, stream), { iterations });
       rows.push(row("peer NVLink", name, bytes, times, null));
     }
-    local.free();
-    remote.free();
-    stream.synchronize();
-    remote.stream.synchronize();
-    stream.close();
+    // Both GPUs push to each other at once (what EP2 dispatch and combine do): GB/s per direction.
+    for (const method of ["memcpyAsync", "kernel"] as const) {
+      const samples: number[] = [];
+      for (let i = 0; i < 3 + iterations; i++) {
+        streams.forEach((s) => s.synchronize());
+        const starts = streams.map((s) => Event.create({ device: s.device, timing: true }).record(s));
+        streams.forEach((s, g) => enqueueCopy(method, dst[1 - g]!.ptr, src[g]!.ptr, bytes, s));
+        const ends = streams.map((s) => Event.create({ device: s.device, timing: true }).record(s));
+        ends.forEach((e) => e.synchronize());
+        if (i >= 3) samples.push(Math.max(...streams.map((_, g) => starts[g]!.elapsedMs(ends[g]!))));
+        [...starts, ...ends].forEach((e) => e.close());
+      }
+      rows.push(row("peer NVLink", `${method === "kernel" ? "kernel push" : "memcpyAsync"} both directions at once (per direction)`, bytes, samples, null));
+    }
+    for (const b of [...src, ...dst]) b.free();
+    streams.forEach((s) => s.close());
   }
 }
 
