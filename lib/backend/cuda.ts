@@ -203,24 +203,42 @@ interface PendingLaunch {
  */
 class LaunchBatch {
   static readonly #byKey = new Map<string, LaunchBatch>();
+  /**
+   * Per group (key: the same-process ranks' buffer pointers), the ranks of this process whose launch
+   * waits, or waited until it expired, for ranks of the same batch that never submitted. A peer on
+   * another device then times out naming the held-back rank; its error says why (held.get(rank)).
+   */
+  static readonly #held = new Map<string, Map<number, () => readonly number[]>>();
   readonly key: string;
+  readonly groupKey: string;
   readonly device: number;
   /** Group ranks of this batch, ascending: entry i of the native call is ranks[i]. */
   readonly ranks: readonly number[];
   readonly #streams = new Map<number, Stream>();
   readonly #pending = new Map<number, PendingLaunch>();
 
-  private constructor(key: string, device: number, ranks: readonly number[]) {
+  private constructor(key: string, groupKey: string, device: number, ranks: readonly number[]) {
     this.key = key;
+    this.groupKey = groupKey;
     this.device = device;
     this.ranks = ranks;
   }
 
+  /**
+   * Why rank `who` of this process (group `groupKey`) never arrived, when its launch is held back by
+   * a missing rank of its batch: " (rank 0 is held back: ...)", else "".
+   */
+  static heldBackReason(groupKey: string, who: number): string {
+    const missing = LaunchBatch.#held.get(groupKey)?.get(who)?.() ?? [];
+    if (missing.length === 0) return "";
+    return ` (rank ${who} runs in one launch with rank ${missing.join(", rank ")} of the same process on its device, which never made the call)`;
+  }
+
   /** The batch of `ranks` (this process, this device); every member calls it with the same key. */
-  static join(key: string, device: number, ranks: readonly number[], rank: number, commStream: Stream): LaunchBatch {
+  static join(key: string, groupKey: string, device: number, ranks: readonly number[], rank: number, commStream: Stream): LaunchBatch {
     let batch = LaunchBatch.#byKey.get(key);
     if (batch === undefined) {
-      batch = new LaunchBatch(key, device, ranks);
+      batch = new LaunchBatch(key, groupKey, device, ranks);
       LaunchBatch.#byKey.set(key, batch);
     }
     batch.#streams.set(rank, commStream);
@@ -229,6 +247,9 @@ class LaunchBatch {
 
   leave(rank: number): void {
     this.#streams.delete(rank);
+    const held = LaunchBatch.#held.get(this.groupKey);
+    held?.delete(rank);
+    if (held?.size === 0) LaunchBatch.#held.delete(this.groupKey);
     if (this.#streams.size === 0 && LaunchBatch.#byKey.get(this.key) === this) LaunchBatch.#byKey.delete(this.key);
   }
 
@@ -260,6 +281,10 @@ class LaunchBatch {
     if (stream === undefined) return Promise.reject(new Error(`internal: rank ${rank} is not in this launch batch`));
     if (rank !== this.ranks[0]) pending.events.set(rank, Event.create({ device: this.device }).record(stream));
     pending.structs.set(rank, struct);
+    const held = LaunchBatch.#held.get(this.groupKey) ?? new Map<number, () => readonly number[]>();
+    LaunchBatch.#held.set(this.groupKey, held);
+    const waiting = pending;
+    held.set(rank, () => this.ranks.filter((r) => !waiting.structs.has(r)));
     const done = new Promise<void>((resolve, reject) => pending.waiters.push({ rank, resolve, reject }));
     if (pending.structs.size === this.ranks.length) this.#launch(seq, pending);
     return done;
@@ -268,6 +293,7 @@ class LaunchBatch {
   #launch(seq: number, pending: PendingLaunch): void {
     clearTimeout(pending.timer);
     this.#pending.delete(seq);
+    for (const r of pending.structs.keys()) LaunchBatch.#held.get(this.groupKey)?.delete(r);
     try {
       const lead = this.#streams.get(this.ranks[0]!)!;
       for (const event of pending.events.values()) event.waitOn(lead);
@@ -300,6 +326,8 @@ class LaunchBatch {
     this.#pending.delete(seq);
     for (const event of pending.events.values()) event.close();
     const missing = this.ranks.filter((r) => !pending.structs.has(r));
+    // Kept: a peer on another device may report its own timeout naming these ranks a moment later.
+    for (const r of pending.structs.keys()) LaunchBatch.#held.get(this.groupKey)?.set(r, () => missing);
     for (const w of pending.waiters) {
       w.reject(
         new BunEpError(
@@ -416,7 +444,8 @@ class CudaBackend implements Backend {
       );
       const local = devices.flatMap((d, r) => (d === device && peers!.sameProcess[r] === true ? [r] : []));
       const key = `${device}:${local.map((r) => peers!.ptrs[r]).join(",")}`;
-      batch = LaunchBatch.join(key, device, local, group.rank, commStream);
+      const groupKey = peers.ptrs.filter((_, r) => peers!.sameProcess[r] === true).join(",");
+      batch = LaunchBatch.join(key, groupKey, device, local, group.rank, commStream);
       // Every rank's buffer is zeroed before anyone's first kernel can touch it.
       await group.barrier();
     }
@@ -450,6 +479,7 @@ class CudaBackend implements Backend {
       unknownStep: "a normal kernel",
       stepPrefix: "",
       stagingWhat: "staging rows",
+      whyMissing: (who) => (this.#batch === null ? "" : LaunchBatch.heldBackReason(this.#batch.groupKey, who)),
     });
     if (this.#unusable !== null) throw this.#unusable;
   }

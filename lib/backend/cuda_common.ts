@@ -57,6 +57,8 @@ export interface RecordedErrorWording {
   stepPrefix: string;
   /** What a staging overflow ran out of, e.g. "staging rows". */
   stagingWhat: string;
+  /** More about why rank `who` never arrived (e.g. its launch is held back in this process), or "". */
+  whyMissing?: (who: number) => string;
   /** Codes beyond NormalError that this engine records; undefined for an unknown code. */
   extra?: (code: number, who: number, a: number, b: number, step: string) => { status: number; message: string } | undefined;
 }
@@ -78,7 +80,7 @@ export function recordedError(rec: Int32Array, rank: number, timeoutMs: number, 
   let status: number = Status.InternalError;
   if (code === NormalError.timeout) {
     status = Status.Timeout;
-    message = `rank ${rank}: ${prefix}${step} timed out after ${timeoutMs} ms waiting for rank ${who}, which never arrived (call ${rec[Rec.errorSeq]})`;
+    message = `rank ${rank}: ${prefix}${step} timed out after ${timeoutMs} ms waiting for rank ${who}, which never arrived (call ${rec[Rec.errorSeq]})${wording.whyMissing?.(who) ?? ""}`;
   } else if (code === NormalError.badTopk) {
     status = Status.InvalidArgument;
     message = `rank ${who}: topkIdx: token ${a} has expert ${b}, expected a value in [-1, numExperts) (found by the ${prefix}${step} kernel)`;
