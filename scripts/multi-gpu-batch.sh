@@ -161,7 +161,10 @@ const R = deviceCount();
 const seed = Number(process.env.BUN_EP_SEED ?? 1);
 let failed = 0;
 for (const shape of [
-  { numRanks: R, maxTokensPerRank: 128, hidden: 7168, numExperts: 256, topk: 8 },
+  // Expert outputs are [El, R*M, H] per rank, made and reduced on the CPU: hidden 7168 with 256
+  // experts took ~30 s a round (the 2x H200 run of 2026-11-23 ran out of time, not a hang); the
+  // DeepEP-sized rows across GPUs are test/gpu/low_latency.test.ts's case under BUN_EP_NUM_GPUS.
+  { numRanks: R, maxTokensPerRank: 128, hidden: 2048, numExperts: 16 * R, topk: 8 },
   { numRanks: R, maxTokensPerRank: 16, hidden: 1024, numExperts: 4 * R, topk: 4 },
 ] as LlShape[]) {
   const groups = LocalGroup.create(R, { timeoutMs: 60_000 });
