@@ -475,6 +475,10 @@ __device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const 
   }
 }
 
+// Vectors per rank each lane loads before reducing: about eight 16-byte loads in flight per lane.
+template <int kRanks>
+constexpr int kCombineUnroll = kRanks <= 2 ? 4 : (kRanks <= 4 ? 2 : 1);
+
 template <int kRanks>
 __device__ __forceinline__ void combine_block(const bunEpCombineArgs_t& a, const StagingLayout& st,
                                               const PublishedLayout& mine, int block, int numBlocks) {
@@ -531,11 +535,8 @@ __device__ __forceinline__ void combine_block(const bunEpCombineArgs_t& a, const
     const int4* bias0 = a.bias0 != nullptr ? reinterpret_cast<const int4*>(a.bias0 + token * a.hidden) : nullptr;
     const int4* bias1 = a.bias1 != nullptr ? reinterpret_cast<const int4*>(a.bias1 + token * a.hidden) : nullptr;
     int4* out = reinterpret_cast<int4*>(a.combinedX + token * a.hidden);
-    for (int64_t i = lane_id(); i < vectorsPerRow; i += 32) {
-      int4 parts[kRanks];
-#pragma unroll
-      for (int r = 0; r < kRanks; ++r)
-        if (rows[r] != nullptr) parts[r] = ld_na_int4(rows[r] + i);
+    // Sum in a fixed order (bias0, bias1, then ranks ascending) and round once.
+    const auto reduce_store = [&](int64_t i, const int4 (&parts)[kRanks]) {
       float acc[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
@@ -545,6 +546,27 @@ __device__ __forceinline__ void combine_block(const bunEpCombineArgs_t& a, const
       for (int r = 0; r < kRanks; ++r)
         if (rows[r] != nullptr) add_bf16x8(acc, parts[r]);
       st_na_int4(out + i, pack_bf16x8(acc));
+    };
+    // Pulled rows come over NVLink when the ranks sit on different GPUs: reads there are
+    // latency-bound, so each lane keeps kCombineUnroll vectors of every rank in flight (2x H200,
+    // 2026-11-23: one vector per rank pulled 286 GB/s at EP2, 0.97x DeepEP's push).
+    int64_t i = lane_id();
+    for (; i + 32 * (kCombineUnroll<kRanks> - 1) < vectorsPerRow; i += 32 * kCombineUnroll<kRanks>) {
+      int4 parts[kCombineUnroll<kRanks>][kRanks];
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll<kRanks>; ++u)
+#pragma unroll
+        for (int r = 0; r < kRanks; ++r)
+          if (rows[r] != nullptr) parts[u][r] = ld_na_int4(rows[r] + i + 32 * u);
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll<kRanks>; ++u) reduce_store(i + 32 * u, parts[u]);
+    }
+    for (; i < vectorsPerRow; i += 32) {
+      int4 parts[kRanks];
+#pragma unroll
+      for (int r = 0; r < kRanks; ++r)
+        if (rows[r] != nullptr) parts[r] = ld_na_int4(rows[r] + i);
+      reduce_store(i, parts);
     }
     if (a.combinedTopkWeights != nullptr) {
       for (int k = lane_id(); k < topk; k += 32) {
