@@ -6,9 +6,11 @@
 // Also the latency floor (8 tokens, 1 expert each, in a graph) and the overlap win of two
 // micro-batches with hooks against the same without; the compute between the calls is a spin kernel
 // of --compute-us per micro-batch phase on each rank's stream (GPU time, no memory traffic).
+// The floor rows also show the graph's own cost (an empty kernel per rank in the same forked graph)
+// and the cost per call of --calls-per-graph calls captured back to back (a decode step's graph).
 // Ranks of the one process sit on GPU r % BUN_EP_NUM_GPUS (default 1); events are recorded on
 // each rank's own device.
-//   bun bench/low_latency.ts [--ranks 2,4,8] [--iterations 50] [--compute-us 50]
+//   bun bench/low_latency.ts [--ranks 2,4,8] [--iterations 50] [--compute-us 50] [--calls-per-graph 20] [--floor-only]
 
 import { check, native } from "../lib/ffi.ts";
 import { LocalGroup } from "../lib/group.ts";
@@ -26,6 +28,7 @@ const RANKS = option("--ranks", "2,4,8").split(",").map(Number);
 const ITERATIONS = Number(option("--iterations", "50"));
 const COMPUTE_US = Number(option("--compute-us", "50"));
 const WARMUP = 5;
+const CALLS_PER_GRAPH = Number(option("--calls-per-graph", "20"));
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
 
 requireGpu("bench/low_latency.ts");
@@ -119,7 +122,12 @@ function countPairs(shape: LlShape, seed: number, kind: "full" | "masked"): numb
   return pairs;
 }
 
-async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { events: boolean; overlap: boolean }): Promise<void> {
+async function benchShape(
+  label: string,
+  shape: LlShape,
+  rows: Row[],
+  opts: { events: boolean; overlap: boolean; breakdown?: boolean },
+): Promise<void> {
   const groups = LocalGroup.create(shape.numRanks);
   const states = await createEngines(groups, shape, DEVICE, 30_000);
   const seed = 1234;
@@ -157,8 +165,8 @@ async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { ev
   const row = (op: string, mode: string, ms: number, bytes: number, copy: number): void => {
     rows.push({
       case: label, ranks: shape.numRanks, op, mode, tokensPerRank: shape.maxTokensPerRank, hidden: H, topk: shape.topk,
-      experts: shape.numExperts, latencyUs: ms * 1000, bytes, copyUs: copy * 1000, ratioToCopy: copy / ms,
-      GBps: bytes / (ms * 1e6),
+      experts: shape.numExperts, latencyUs: ms * 1000, bytes: bytes || null, copyUs: bytes ? copy * 1000 : null,
+      ratioToCopy: bytes ? copy / ms : null, GBps: bytes ? bytes / (ms * 1e6) : null,
     });
   };
   if (opts.events) {
@@ -176,6 +184,29 @@ async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { ev
   row("combine", "graph", median(timeGraph(states, combineGraph, ITERATIONS)), combineBytes, combineCopy);
   dispatchGraph.close();
   combineGraph.close();
+
+  if (opts.breakdown) {
+    // Where a tiny call's time goes. (1) The same forked graph with an empty kernel per rank: what
+    // graph launch, fork and join cost by themselves. (2) CALLS_PER_GRAPH calls captured back to back
+    // in one graph, per call: what each call costs inside a decode step's graph (many layers), the
+    // graph's own launch spread over them.
+    const empty = captureForked(states, () =>
+      states.forEach((st) => check(lib.bun_ep_debug_spin(0n, st.stream.handle), "empty kernel")),
+    );
+    row("empty kernel per rank (graph overhead)", "graph", median(timeGraph(states, empty, ITERATIONS)), 0, 0);
+    empty.close();
+    const manyDispatch = captureForked(states, () => {
+      for (let i = 0; i < CALLS_PER_GRAPH; i++) dispatchAll(false);
+    });
+    const many = last;
+    row("dispatch", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyDispatch, ITERATIONS)) / CALLS_PER_GRAPH, dispatchBytes, dispatchCopy);
+    manyDispatch.close();
+    const manyCombine = captureForked(states, () => {
+      for (let i = 0; i < CALLS_PER_GRAPH; i++) combineAll(many);
+    });
+    row("combine", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyCombine, ITERATIONS)) / CALLS_PER_GRAPH, combineBytes, combineCopy);
+    manyCombine.close();
+  }
 
   if (opts.overlap) {
     // Two micro-batches per step; between the calls a stand-in compute: a spin kernel of COMPUTE_US
@@ -221,7 +252,8 @@ async function benchShape(label: string, shape: LlShape, rows: Row[], opts: { ev
 }
 
 const rows: Row[] = [];
-for (const numRanks of RANKS) {
+const FLOOR_ONLY = process.argv.includes("--floor-only");
+for (const numRanks of FLOOR_ONLY ? [] : RANKS) {
   const shape: LlShape = { numRanks, maxTokensPerRank: 128, hidden: 7168, numExperts: 256, topk: 8 };
   console.log(`EP${numRanks}: DeepEP decode config ...`);
   await benchShape("deepep-decode", shape, rows, { events: true, overlap: numRanks === RANKS[0] });
@@ -229,7 +261,7 @@ for (const numRanks of RANKS) {
 for (const numRanks of RANKS) {
   const shape: LlShape = { numRanks, maxTokensPerRank: 8, hidden: 7168, numExperts: 256, topk: 1 };
   console.log(`EP${numRanks}: latency floor ...`);
-  await benchShape("floor(8 tokens, top-1)", shape, rows, { events: false, overlap: false });
+  await benchShape("floor(8 tokens, top-1)", shape, rows, { events: false, overlap: false, breakdown: true });
 }
 const path = writeResults("low_latency", rows, { iterations: ITERATIONS, warmup: WARMUP, goal: "ratioToCopy >= 0.6; floor < 10 us in a graph" });
 console.log(markdownTable(rows, ["case", "ranks", "op", "mode", "latencyUs", "bytes", "copyUs", "ratioToCopy", "GBps", "overlapWin"]));
