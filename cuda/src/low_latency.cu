@@ -65,6 +65,9 @@ constexpr float kE4m3Max = 448.0f;
 constexpr int kBlocksPerSm = 4;
 
 enum Phase : int { kPhaseDispatch = 1, kPhaseCombine = 2 };
+// The "missing rank" of a timeout where every peer started the call but some rows never arrived
+// (a peer stopped in the middle of it): no single rank can be named.
+constexpr int kSomeRowsMissing = -1;
 
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -77,6 +80,9 @@ struct Layout {
   int64_t scalesOffsetInRow, metaOffsetInRow;
   // offsets inside one parity region
   int64_t staging, dispatchCounts, dispatchReady, combineRecv, combineReady;
+  // Peer pointers: rows that arrived (u64, cumulative per parity: senders add after their rows) and
+  // each sender's call number when it started a combine (int [R]).
+  int64_t dispatchArrived, combineArrived, combineStarted;
   int64_t countWords;  // direct dispatch: int64 [El][R] per source rank, (call number << 32) | count
   int64_t recvX, recvScales, recvCount, srcTokenIdx, layoutRange, slotRoute, combineBuffer, combinedX;
   int64_t sendRows, sendMeta;  // NVSHMEM transport: this rank's rows [M] and (t, k) int4 [M][maxTopk]
@@ -87,6 +93,10 @@ struct Layout {
 
 // Local bookkeeping of one rank (never written by peers).
 struct State {
+  // Rows this rank has waited for so far per parity (peer pointers): the arrived counters' targets.
+  uint64_t dispatchExpected[2];
+  uint64_t combineExpected[2];
+  int combineRecvDone[2];  // grid completion counters of the combine receive phase
   int failed;  // a wait of this rank timed out: later waits give up at once (mirrors errorWord)
   int dispatchSeq[2];
   int combineSeq[2];
@@ -121,6 +131,9 @@ Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   l.countWords = take((int64_t)l.numLocalExperts * l.numRanks * 8);
   l.combineRecv = take((int64_t)l.maxTokens * l.maxTopk * l.hidden * 2);
   l.combineReady = take((int64_t)l.numRanks * 4);
+  l.dispatchArrived = take(8);
+  l.combineArrived = take(8);
+  l.combineStarted = take((int64_t)l.numRanks * 4);
   l.recvX = take(rows * l.hidden * 2);
   l.recvScales = take(rows * (l.hidden / kGroupSize) * 4);
   l.recvCount = take((int64_t)l.numLocalExperts * 4);
@@ -275,6 +288,23 @@ __device__ bool last_block_to_finish(int* counter, int* s_flag) {
   fence_sys();
   if (threadIdx.x == 0) *counter = 0;
   return true;
+}
+
+// Call-number bookkeeping only (no flags follow, so no fences): thread 0 of each block calls it once
+// after the block's work; true in the last block to arrive, after every block read the call number.
+// That block resets the counter for the next launch.
+__device__ __forceinline__ bool last_block_arrived(int* counter) {
+  if (atomicAdd(counter, 1) != (int)gridDim.x - 1) return false;
+  *counter = 0;
+  return true;
+}
+
+// Peer pointers: after __syncthreads (every row of the block written), add the block's row count per
+// destination rank to that rank's arrived counter at `counterOffset` (release: the rows come first).
+__device__ __forceinline__ void announce_rows(const Common& c, const int* s_rowsTo, int64_t counterOffset) {
+  for (int q = threadIdx.x; q < c.layout.numRanks; q += blockDim.x)
+    if (s_rowsTo[q] > 0)
+      red_add_release_sys(reinterpret_cast<uint64_t*>(c.peers[q] + c.parity_offset() + counterOffset), (uint64_t)s_rowsTo[q]);
 }
 
 __device__ __forceinline__ float power_of_two_ceil(float s) {
@@ -715,7 +745,8 @@ __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_to
 // Where token t's row goes per top-k position: s_dest the owner's recvX row (NULL: none),
 // s_scales its scales row, s_flat the flat slot (for the handle entries). Collective over the block.
 __device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive, int t,
-                                  int* s_pos, int* s_begin, char** s_dest, char** s_scales, int64_t* s_flat) {
+                                  int* s_pos, int* s_begin, char** s_dest, char** s_scales, int64_t* s_flat,
+                                  int* s_rowsTo) {
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int K = p.numTopk, El = l.numLocalExperts, me = c.rank;
@@ -762,6 +793,7 @@ __device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s
         scales = region + l.recvScales + flat * (p.useUe8m0 ? numGroups / kUe8m0GroupsPerWord : numGroups) * 4;
         reinterpret_cast<int*>(region + l.srcTokenIdx)[flat] = t;
         reinterpret_cast<int*>(region + l.slotRoute)[flat] = (me << 16) | k;
+        atomicAdd(&s_rowsTo[owner], 1);
       }
     }
     s_dest[k] = dest;
@@ -804,41 +836,47 @@ __device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const*
   }
 }
 
-// Block 0, after the send: wait for every live source's ready flag, then the handle's ranges and
-// the per-expert received counts from the count words (this rank's own copy).
+// Block 0, after the send: every live source's count words of this call (a missing source is named),
+// the handle's ranges and per-expert received counts from them, then (thread 0) the arrived counter
+// up to every row those counts announce: senders add their rows after writing them, so the rows are
+// all in. The counter is cumulative: its target is this rank's running total per parity.
 __device__ void finish_direct_receive(const DispatchParams& p, int seq, const int* s_alive) {
+  __shared__ unsigned long long s_total;
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
-  const int* ready = reinterpret_cast<const int*>(region + l.dispatchReady);
-  const auto await_source = [&](int s) {
-    const uint64_t start = globaltimer_ns();
-    if (ld_volatile(&c.state->failed) != 0 || !wait_at_least(ready + s, seq, c.timeoutNs))
-      record_timeout(c.state, c.errorWord, s, kPhaseDispatch);
-    if (p.waitStats != nullptr) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
-  };
-  // Peers first, this rank's own flag after: the own flag is raised by this grid's last block, only
-  // once every block's waits for peers' count words are over, so with a peer missing it is late too;
-  // awaited alongside the peers' flags its timeout could win the record and name this rank. Once
-  // every peer's flag is in, every peer has published its count words and the own flag follows.
-  for (int s = threadIdx.x; s < R; s += blockDim.x)
-    if (s_alive[s] && s != c.rank) await_source(s);
+  if (threadIdx.x == 0) s_total = 0;
   __syncthreads();
-  if (threadIdx.x == 0 && s_alive[c.rank]) await_source(c.rank);
-  __syncthreads();
-  const int64_t* words = reinterpret_cast<const int64_t*>(region + l.countWords);
   int* range = reinterpret_cast<int*>(region + l.layoutRange);
+  unsigned long long mine = 0;
   for (int e = threadIdx.x; e < El; e += blockDim.x) {
     int running = 0;
     for (int s = 0; s < R; ++s) {
-      const int count = s_alive[s] ? (int)(uint32_t)ld_relaxed_sys_s64(words + (int64_t)e * R + s) : 0;
+      int count = 0;
+      if (s_alive[s]) {
+        // Expert 0's thread times the waits: wait time per source rank (stats).
+        const bool timed = e == 0 && p.waitStats != nullptr;
+        const uint64_t start = timed ? globaltimer_ns() : 0;
+        count = wait_count(c, c.rank, e, s, seq);
+        if (timed) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
+      }
       range[((int64_t)e * R + s) * 2] = running;
       range[((int64_t)e * R + s) * 2 + 1] = count;
       running += count;
     }
     reinterpret_cast<int*>(region + l.recvCount)[e] = running;
     if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + e, running);
+    mine += (unsigned long long)running;
+  }
+  if (mine != 0) atomicAdd(&s_total, mine);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const uint64_t target = c.state->dispatchExpected[c.parity] + s_total;
+    c.state->dispatchExpected[c.parity] = target;
+    const auto* arrived = reinterpret_cast<const uint64_t*>(region + l.dispatchArrived);
+    if (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, target, c.timeoutNs))
+      record_timeout(c.state, c.errorWord, kSomeRowsMissing, kPhaseDispatch);
   }
 }
 
@@ -850,7 +888,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   __shared__ char* s_dest[kMaxTopk];
   __shared__ char* s_scales[kMaxTopk];
   __shared__ int64_t s_flat[kMaxTopk];
-  __shared__ int s_last;
+  __shared__ int s_rowsTo[kMaxRanks];
   const Common& c = p.c;
   const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens;
   int* s_topk = s_dynamic;                 // [T * K]
@@ -858,13 +896,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
 
   const bool selfAlive = c.state->alive[c.rank] != 0;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) s_alive[r] = selfAlive && c.state->alive[r] != 0;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    s_alive[r] = selfAlive && c.state->alive[r] != 0;
+    s_rowsTo[r] = 0;
+  }
   load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
   __syncthreads();
   publish_counts(p, seq, s_topk, s_alive, s_expertCount);
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
-    plan_token_direct(p, seq, s_topk, s_alive, t, s_pos, s_begin, s_dest, s_scales, s_flat);
+    plan_token_direct(p, seq, s_topk, s_alive, t, s_pos, s_begin, s_dest, s_scales, s_flat, s_rowsTo);
     if (p.useFp8) {
       send_row_fp8_direct(p, t, s_dest, s_scales);
     } else {
@@ -873,12 +914,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
     __syncthreads();  // s_dest is rewritten for the next token
   }
 
-  const bool last = last_block_to_finish(&c.state->dispatchDone[c.parity], &s_last);
-  if (last) {
-    for (int q = threadIdx.x; q < R; q += blockDim.x)
-      if (s_alive[q]) raise_peer_flag(c, q, c.parity_offset() + c.layout.dispatchReady + (int64_t)c.rank * 4, seq);
-    if (threadIdx.x == 0) c.state->dispatchSeq[c.parity] = seq;
-  }
+  // The loop ended with __syncthreads: every row, scale and handle entry of this block is written.
+  announce_rows(c, s_rowsTo, c.layout.dispatchArrived);
+  if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
   if (blockIdx.x == 0) finish_direct_receive(p, seq, s_alive);
 }
 
@@ -913,11 +951,21 @@ __device__ __forceinline__ void warp_copy_int4_wide(int4* dst, const int4* src, 
 // the grid, so a few busy experts never leave most warps idle.
 __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   __shared__ int s_last;
+  __shared__ int s_rowsTo[kMaxRanks];
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
   const bool selfAlive = c.state->alive[c.rank] != 0;
+  if (!c.staged) {
+    for (int q = threadIdx.x; q < R; q += blockDim.x) {
+      s_rowsTo[q] = 0;
+      // Peer pointers: tell every live home this rank has started the call (it waits for that,
+      // and names a rank that never does).
+      if (blockIdx.x == 0 && selfAlive && c.state->alive[q])
+        st_relaxed_sys(reinterpret_cast<int*>(c.peers[q] + c.parity_offset() + l.combineStarted) + c.rank, seq);
+    }
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int globalWarp = blockIdx.x * kWarps + warp, numWarps = gridDim.x * kWarps;
   const int rowInt4 = l.hidden * 2 / 16;
@@ -944,6 +992,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
     char* peer = c.peers[s];
     if (peer != nullptr) {
       warp_copy_int4_wide(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), rowInt4, lane);
+      if (lane == 0 && !c.staged) atomicAdd(&s_rowsTo[s], 1);
       continue;
     }
     // A put reads a symmetric source: the combine buffer's own row (copied there unless the
@@ -956,6 +1005,13 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
     put_warp(c.local + offset, staged, (size_t)l.hidden * 2, s);
   }
 
+  if (!c.staged) {
+    // Peer pointers: no flags; each block announces its rows to their homes' arrived counters.
+    __syncthreads();
+    announce_rows(c, s_rowsTo, l.combineArrived);
+    if (threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity])) c.state->combineSeq[c.parity] = seq;
+    return;
+  }
   quiet_block(c);
   if (!last_block_to_finish(&c.state->combineDone[c.parity], &s_last)) return;
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
@@ -970,38 +1026,79 @@ constexpr int kCombineRowsInFlight = 8;
 
 // The receive phase of call `seq`: wait for every live rank's flag, then per home token sum its
 // rows over k in order in f32 (no FMA) and round to bf16 once.
+// The top-k position whose row holds token t's output of expert topkIdx[t][k] (a repeated expert's
+// row sits at its first position), or -1 when none arrives (no expert, out of range, a dead owner).
+__device__ __forceinline__ int combine_row_of(const CombineParams& p, bool selfAlive, int t, int k) {
+  const int K = p.numTopk, El = p.c.layout.numLocalExperts;
+  const int64_t e = p.topkIdx[(int64_t)t * K + k];
+  if (!selfAlive || e < 0 || e >= p.c.numExperts || !p.c.state->alive[e / El]) return -1;
+  for (int j = 0; j < k; ++j)
+    if (p.topkIdx[(int64_t)t * K + j] == e) return j;
+  return k;
+}
+
+// Peer pointers: wait until every live sender started call `seq` (naming one that never does), then
+// until the arrived counter holds every row this rank's tokens expect (their distinct live experts).
+// Every block counts the rows (cheap: T * K ids); the grid's last block moves the target on.
+__device__ void combine_wait_rows(const CombineParams& p, int seq, bool selfAlive) {
+  __shared__ unsigned long long s_rows;
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  char* region = c.local_region();
+  const bool failedBefore = ld_volatile(&c.state->failed) != 0;
+  if (threadIdx.x == 0) s_rows = 0;
+  __syncthreads();
+  unsigned long long mine = 0;
+  for (int i = threadIdx.x; i < p.numTokens * p.numTopk; i += blockDim.x)
+    if (combine_row_of(p, selfAlive, i / p.numTopk, i % p.numTopk) == i % p.numTopk) ++mine;
+  if (mine != 0) atomicAdd(&s_rows, mine);
+  const uint64_t base = c.state->combineExpected[c.parity];
+  if (blockIdx.x < p.numTokens && selfAlive) {
+    const int* started = reinterpret_cast<const int*>(region + l.combineStarted);
+    for (int s = threadIdx.x; s < l.numRanks; s += blockDim.x) {
+      if (!c.state->alive[s]) continue;
+      if (failedBefore || !wait_at_least(started + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const auto* arrived = reinterpret_cast<const uint64_t*>(region + l.combineArrived);
+    if (blockIdx.x < p.numTokens &&
+        (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, base + s_rows, c.timeoutNs)))
+      record_timeout(c.state, c.errorWord, kSomeRowsMissing, kPhaseCombine);
+    if (last_block_arrived(&c.state->combineRecvDone[c.parity])) c.state->combineExpected[c.parity] = base + s_rows;
+  }
+  __syncthreads();
+}
+
 __device__ void combine_recv(const CombineParams& p, int seq) {
   __shared__ int s_row[kMaxTopk];
   __shared__ float s_weight[kMaxTopk];
   const Common& c = p.c;
   const Layout& l = c.layout;
-  const int R = l.numRanks, K = p.numTopk, H = l.hidden, El = l.numLocalExperts;
+  const int R = l.numRanks, K = p.numTopk, H = l.hidden;
   char* region = c.local_region();
   const bool selfAlive = c.state->alive[c.rank] != 0;
   const bool failedBefore = ld_volatile(&c.state->failed) != 0;
   const int* ready = reinterpret_cast<const int*>(region + l.combineReady);
 
-  if (blockIdx.x < p.numTokens) {
-    for (int s = threadIdx.x; s < R; s += blockDim.x) {
-      if (!selfAlive || !c.state->alive[s]) continue;
-      if (failedBefore || !wait_at_least(ready + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
+  if (!c.staged) {
+    combine_wait_rows(p, seq, selfAlive);
+  } else {
+    if (blockIdx.x < p.numTokens) {
+      for (int s = threadIdx.x; s < R; s += blockDim.x) {
+        if (!selfAlive || !c.state->alive[s]) continue;
+        if (failedBefore || !wait_at_least(ready + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
+      }
     }
+    __syncthreads();
   }
-  __syncthreads();
 
   const char* rows = region + l.combineRecv;
   for (int t = blockIdx.x; t < p.numTokens; t += gridDim.x) {
     if (threadIdx.x < K) {
       const int k = threadIdx.x;
-      const int64_t e = p.topkIdx[(int64_t)t * K + k];
-      int first = k;  // a repeated expert's row sits at its first position
-      for (int j = 0; j < k; ++j)
-        if (p.topkIdx[(int64_t)t * K + j] == e) {
-          first = j;
-          break;
-        }
-      const bool valid = selfAlive && e >= 0 && e < c.numExperts && c.state->alive[e / El];
-      s_row[k] = valid ? first : -1;
+      s_row[k] = combine_row_of(p, selfAlive, t, k);
       s_weight[k] = p.topkWeights[(int64_t)t * K + k];
     }
     __syncthreads();
@@ -1160,6 +1257,9 @@ bunEpResult_t clear_flags(Context* ctx, cudaStream_t stream) {
     char* region = ctx->local + parity * l.parityBytes;
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchReady, 0, l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineReady, 0, l.numRanks * 4, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchArrived, 0, 8, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineArrived, 0, 8, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineStarted, 0, l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchCounts, 0, (size_t)l.numLocalExperts * l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.countWords, 0, (size_t)l.numLocalExperts * l.numRanks * 8, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.recvCount, 0, (size_t)l.numLocalExperts * 4, stream));
@@ -1428,6 +1528,11 @@ bunEpResult_t bun_ep_ll_check(void* context) {
   if (word[0] == 0 && !ctx->unusable) return bunEpSuccess;
   ctx->unusable = true;
   const char* phase = word[2] == kPhaseCombine ? "combine" : "dispatch";
+  if (word[1] == kSomeRowsMissing)
+    return set_error(bunEpTimeout,
+                     "low-latency %s on rank %lld: every rank started the call but some rows never arrived within "
+                     "%.1f ms (a peer stopped in the middle of it); this buffer is unusable, recreate it",
+                     phase, (long long)ctx->config.rank, ctx->config.timeoutNs / 1e6);
   return set_error(bunEpTimeout,
                    "low-latency %s on rank %lld: rank %d never arrived within %.1f ms (dead, or not calling the "
                    "same sequence of low-latency calls); this buffer is unusable, recreate it",

@@ -35,6 +35,16 @@ __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
   return old;
 }
 __device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+// Adds `v` after every write this thread made, or saw made (a __syncthreads before it covers the
+// whole block's writes), is visible system-wide: a release reduction, no value returned.
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 
 // ---- streaming copies ---------------------------------------------------------------------------
 // Loads that bypass L1 (the data is read once); stores that do not allocate in L1.
@@ -63,6 +73,16 @@ __device__ __forceinline__ bool wait_at_least(const int* flag, int target, uint6
   if (ld_acquire_sys(flag) >= target) return true;
   const uint64_t start = globaltimer_ns();
   while (ld_acquire_sys(flag) < target) {
+    if (globaltimer_ns() - start > timeout_ns) return false;
+  }
+  return true;
+}
+
+// Spin until `*counter >= target` (acquire, system scope) or `timeout_ns` passes.
+__device__ __forceinline__ bool wait_at_least(const uint64_t* counter, uint64_t target, uint64_t timeout_ns) {
+  if (ld_acquire_sys(counter) >= target) return true;
+  const uint64_t start = globaltimer_ns();
+  while (ld_acquire_sys(counter) < target) {
     if (globaltimer_ns() - start > timeout_ns) return false;
   }
   return true;
