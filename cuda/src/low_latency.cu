@@ -68,6 +68,9 @@ enum Phase : int { kPhaseDispatch = 1, kPhaseCombine = 2 };
 // The "missing rank" of a timeout where every peer started the call but some rows never arrived
 // (a peer stopped in the middle of it): no single rank can be named.
 constexpr int kSomeRowsMissing = -1;
+// Combine over peer pointers sends each row as this many slices (one warp each) when it has fewer
+// rows than warps; the arrived counter counts slices.
+constexpr int kCombinePartsPerRow = 4;
 
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -80,9 +83,10 @@ struct Layout {
   int64_t scalesOffsetInRow, metaOffsetInRow;
   // offsets inside one parity region
   int64_t staging, dispatchCounts, dispatchReady, combineRecv, combineReady;
-  // Peer pointers: rows that arrived (u64, cumulative per parity: senders add after their rows) and
-  // each sender's call number when it started a combine (int [R]).
-  int64_t dispatchArrived, combineArrived, combineStarted;
+  // Peer pointers: rows (combine: row slices) that arrived (u64, cumulative per parity: senders add
+  // after their rows) and
+  // each sender's slice count for this rank, as a count word per call (int64 [R]).
+  int64_t dispatchArrived, combineArrived, combineCountWords;
   int64_t countWords;  // direct dispatch: int64 [El][R] per source rank, (call number << 32) | count
   int64_t recvX, recvScales, recvCount, srcTokenIdx, layoutRange, slotRoute, combineBuffer, combinedX;
   int64_t sendRows, sendMeta;  // NVSHMEM transport: this rank's rows [M] and (t, k) int4 [M][maxTopk]
@@ -133,7 +137,7 @@ Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   l.combineReady = take((int64_t)l.numRanks * 4);
   l.dispatchArrived = take(8);
   l.combineArrived = take(8);
-  l.combineStarted = take((int64_t)l.numRanks * 4);
+  l.combineCountWords = take((int64_t)l.numRanks * 8);
   l.recvX = take(rows * l.hidden * 2);
   l.recvScales = take(rows * (l.hidden / kGroupSize) * 4);
   l.recvCount = take((int64_t)l.numLocalExperts * 4);
@@ -259,7 +263,14 @@ __device__ __forceinline__ void warp_copy_int4(int4* dst, const int4* src, int n
 #pragma unroll
     for (int u = 0; u < 4; ++u) st_na_int4(dst + i + 32 * u, v[u]);
   }
-  for (; i < n; i += 32) st_na_int4(dst + i, kSrcCoherent ? __ldcg(src + i) : ld_nc_int4(src + i));
+  // The rest (under 4 per lane): loads first, then stores (a load-store loop would wait each time).
+  int4 v[3];
+#pragma unroll
+  for (int u = 0; u < 3; ++u)
+    if (i + 32 * u < n) v[u] = kSrcCoherent ? __ldcg(src + i + 32 * u) : ld_nc_int4(src + i + 32 * u);
+#pragma unroll
+  for (int u = 0; u < 3; ++u)
+    if (i + 32 * u < n) st_na_int4(dst + i + 32 * u, v[u]);
 }
 
 // The block's routing in shared memory: valid expert ids, -1 for none, out of range, or an expert
@@ -620,6 +631,53 @@ __device__ void unpack_row(const DispatchParams& p, char* region, int localExper
   }
 }
 
+// One home token's output: per vector, sum over k in order in f32 (w * x, no FMA), round once.
+// Each thread takes kVecs vectors (blockDim apart) and loads kRows rows of each before summing.
+template <int kVecs, int kRows>
+__device__ __forceinline__ void combine_token(const int4* tokenRows, int rowInt4, int K, const int* s_row,
+                                              const float* s_weight, int4* out) {
+  for (int v0 = threadIdx.x; v0 < rowInt4; v0 += blockDim.x * kVecs) {
+    float acc[kVecs][8];
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[j][i] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += kRows) {
+      int4 packed[kVecs][kRows];
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) {
+        const int v = v0 + j * blockDim.x;
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          const int row = k0 + u < K ? s_row[k0 + u] : -1;
+          packed[j][u] = row >= 0 && v < rowInt4 ? __ldcg(tokenRows + (int64_t)row * rowInt4 + v) : make_int4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        if (k0 + u >= K || s_row[k0 + u] < 0) continue;
+        const float w = s_weight[k0 + u];
+#pragma unroll
+        for (int j = 0; j < kVecs; ++j) {
+          float values[8];
+          unpack_bf16x8(packed[j][u], values);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[j][i] = __fadd_rn(acc[j][i], __fmul_rn(w, values[i]));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      const int v = v0 + j * blockDim.x;
+      if (v >= rowInt4) continue;
+      __nv_bfloat162 outPairs[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) outPairs[i] = __floats2bfloat162_rn(acc[j][2 * i], acc[j][2 * i + 1]);
+      out[v] = *reinterpret_cast<const int4*>(outPairs);
+    }
+  }
+}
+
 // The receive phase of call `seq`.
 __device__ void dispatch_recv(const DispatchParams& p, int seq) {
   __shared__ int s_count[kMaxRanks];
@@ -705,20 +763,26 @@ __device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int
 
 // Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`
 // (bounded wait; on a timeout the rank is recorded and 0 returned: the call's results are void).
-__device__ int wait_count(const Common& c, int owner, int localExpert, int s, int seq) {
-  const int64_t* word = reinterpret_cast<const int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
-                        (int64_t)localExpert * c.layout.numRanks + s;
+// The count of a count word written by rank `s` for call `seq` (bounded wait; on a timeout `s` is
+// recorded for `phase` and 0 returned: the call's results are void).
+__device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
   int64_t value = ld_relaxed_sys_s64(word);
   if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
   if (ld_volatile(&c.state->failed) != 0) return 0;
   const uint64_t start = globaltimer_ns();
   while ((int)((value = ld_relaxed_sys_s64(word)) >> 32) < seq) {
     if (globaltimer_ns() - start > c.timeoutNs) {
-      record_timeout(c.state, c.errorWord, s, kPhaseDispatch);
+      record_timeout(c.state, c.errorWord, s, phase);
       return 0;
     }
   }
   return (int)(uint32_t)value;
+}
+
+__device__ int wait_count(const Common& c, int owner, int localExpert, int s, int seq) {
+  const int64_t* word = reinterpret_cast<const int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
+                        (int64_t)localExpert * c.layout.numRanks + s;
+  return wait_count_word(c, word, s, seq, kPhaseDispatch);
 }
 
 // Phase 1: this rank's per-expert token counts to the experts' owners. s_expertCount: [numExperts].
@@ -840,27 +904,35 @@ __device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const*
 // the handle's ranges and per-expert received counts from them, then (thread 0) the arrived counter
 // up to every row those counts announce: senders add their rows after writing them, so the rows are
 // all in. The counter is cumulative: its target is this rank's running total per parity.
-__device__ void finish_direct_receive(const DispatchParams& p, int seq, const int* s_alive) {
+__device__ void finish_direct_receive(const DispatchParams& p, int seq, const int* s_alive, int* s_counts) {
   __shared__ unsigned long long s_total;
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
+  __syncthreads();  // s_counts held block 0's histogram until now
   if (threadIdx.x == 0) s_total = 0;
+  // One (expert, source) count word per thread: the waits overlap (a loop over sources per expert
+  // made R waits in a row, the floor's largest cost at EP8).
+  for (int i = threadIdx.x; i < El * R; i += blockDim.x) {
+    const int e = i / R, s = i % R;
+    int count = 0;
+    if (s_alive[s]) {
+      // Expert 0's waits give the wait time per source rank (stats).
+      const bool timed = e == 0 && p.waitStats != nullptr;
+      const uint64_t start = timed ? globaltimer_ns() : 0;
+      count = wait_count(c, c.rank, e, s, seq);
+      if (timed) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
+    }
+    s_counts[i] = count;
+  }
   __syncthreads();
   int* range = reinterpret_cast<int*>(region + l.layoutRange);
   unsigned long long mine = 0;
   for (int e = threadIdx.x; e < El; e += blockDim.x) {
     int running = 0;
     for (int s = 0; s < R; ++s) {
-      int count = 0;
-      if (s_alive[s]) {
-        // Expert 0's thread times the waits: wait time per source rank (stats).
-        const bool timed = e == 0 && p.waitStats != nullptr;
-        const uint64_t start = timed ? globaltimer_ns() : 0;
-        count = wait_count(c, c.rank, e, s, seq);
-        if (timed) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
-      }
+      const int count = s_counts[e * R + s];
       range[((int64_t)e * R + s) * 2] = running;
       range[((int64_t)e * R + s) * 2 + 1] = count;
       running += count;
@@ -916,8 +988,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
 
   // The loop ended with __syncthreads: every row, scale and handle entry of this block is written.
   announce_rows(c, s_rowsTo, c.layout.dispatchArrived);
+  // Block 0's histogram (s_expertCount, numExperts = El * R ints) is free again: the counts go there.
+  if (blockIdx.x == 0) finish_direct_receive(p, seq, s_alive, s_expertCount);
+  // Bookkeeping last, off block 0's path to its waits.
   if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
-  if (blockIdx.x == 0) finish_direct_receive(p, seq, s_alive);
 }
 
 // No hook: one kernel sends, then (every block, after the grid's last block has published) receives.
@@ -943,7 +1017,13 @@ __device__ __forceinline__ void warp_copy_int4_wide(int4* dst, const int4* src, 
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) st_na_int4(dst + i + 32 * u, v[u]);
   }
-  for (; i < n; i += 32) st_na_int4(dst + i, ld_nc_int4(src + i));
+  int4 v[kInFlight - 1];  // the rest, loads first
+#pragma unroll
+  for (int u = 0; u < kInFlight - 1; ++u)
+    if (i + 32 * u < n) v[u] = ld_nc_int4(src + i + 32 * u);
+#pragma unroll
+  for (int u = 0; u < kInFlight - 1; ++u)
+    if (i + 32 * u < n) st_na_int4(dst + i + 32 * u, v[u]);
 }
 
 // The send phase of call `seq`: every valid (expert, slot) row goes to its home rank. The rows of all
@@ -957,15 +1037,8 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
   const bool selfAlive = c.state->alive[c.rank] != 0;
-  if (!c.staged) {
-    for (int q = threadIdx.x; q < R; q += blockDim.x) {
-      s_rowsTo[q] = 0;
-      // Peer pointers: tell every live home this rank has started the call (it waits for that,
-      // and names a rank that never does).
-      if (blockIdx.x == 0 && selfAlive && c.state->alive[q])
-        st_relaxed_sys(reinterpret_cast<int*>(c.peers[q] + c.parity_offset() + l.combineStarted) + c.rank, seq);
-    }
-  }
+  if (!c.staged)
+    for (int q = threadIdx.x; q < R; q += blockDim.x) s_rowsTo[q] = 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int globalWarp = blockIdx.x * kWarps + warp, numWarps = gridDim.x * kWarps;
   const int rowInt4 = l.hidden * 2 / 16;
@@ -975,7 +1048,27 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   warp_exclusive_scan(reinterpret_cast<const int*>(region + l.recvCount), El, s_prefix);
   __syncthreads();
   const int total = selfAlive ? s_prefix[El] : 0;
-  for (int item = globalWarp; item < total; item += numWarps) {
+  // Peer pointers: with fewer rows than warps, each row goes as kCombinePartsPerRow slices, one warp
+  // each (a tiny call's latency is then one slice's copy, not a whole row's); bigger calls send
+  // whole rows (a slice's bookkeeping loads would not pay off).
+  const int parts = !c.staged && total * kCombinePartsPerRow <= numWarps ? kCombinePartsPerRow : 1;
+  const int partInt4 = (rowInt4 + parts - 1) / parts;
+  if (!c.staged && blockIdx.x == 0) {
+    // Every live home first learns how many slices this rank sends it in this call (from the
+    // handle's ranges), as a count word: it waits for the word (naming a rank that never starts the
+    // call), then for that many slices on its arrived counter.
+    const int* range = reinterpret_cast<const int*>(region + l.layoutRange);
+    for (int q = warp; q < R; q += kWarps) {
+      if (!selfAlive || !c.state->alive[q]) continue;  // warp-uniform
+      int rows = 0;
+      for (int e = lane; e < El; e += 32) rows += range[((int64_t)e * R + q) * 2 + 1];
+      rows = __reduce_add_sync(0xffffffffu, rows);
+      auto* word = reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + l.combineCountWords) + c.rank;
+      if (lane == 0) st_relaxed_sys_s64(word, count_word(seq, rows * parts));
+    }
+  }
+  for (int work = globalWarp; work < total * parts; work += numWarps) {
+    const int item = work / parts, part = work % parts;
     // The expert whose range holds `item`: the last e with s_prefix[e] <= item.
     int lo = 0, hi = El - 1;
     while (lo < hi) {
@@ -991,8 +1084,10 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
     const __nv_bfloat16* src = p.x + flat * l.hidden;
     char* peer = c.peers[s];
     if (peer != nullptr) {
-      warp_copy_int4_wide(reinterpret_cast<int4*>(peer + offset), reinterpret_cast<const int4*>(src), rowInt4, lane);
-      if (lane == 0 && !c.staged) atomicAdd(&s_rowsTo[s], 1);
+      const int begin = part * partInt4;
+      warp_copy_int4_wide(reinterpret_cast<int4*>(peer + offset) + begin, reinterpret_cast<const int4*>(src) + begin,
+                          min(partInt4, rowInt4 - begin), lane);
+      if (lane == 0 && !c.staged) atomicAdd(&s_rowsTo[s], 1);  // counts slices
       continue;
     }
     // A put reads a symmetric source: the combine buffer's own row (copied there unless the
@@ -1006,7 +1101,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   }
 
   if (!c.staged) {
-    // Peer pointers: no flags; each block announces its rows to their homes' arrived counters.
+    // Peer pointers: no flags; each block announces its slices to their homes' arrived counters.
     __syncthreads();
     announce_rows(c, s_rowsTo, l.combineArrived);
     if (threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity])) c.state->combineSeq[c.parity] = seq;
@@ -1037,38 +1132,39 @@ __device__ __forceinline__ int combine_row_of(const CombineParams& p, bool selfA
   return k;
 }
 
-// Peer pointers: wait until every live sender started call `seq` (naming one that never does), then
-// until the arrived counter holds every row this rank's tokens expect (their distinct live experts).
-// Every block counts the rows (cheap: T * K ids); the grid's last block moves the target on.
-__device__ void combine_wait_rows(const CombineParams& p, int seq, bool selfAlive) {
-  __shared__ unsigned long long s_rows;
+// Peer pointers: every live sender's count word of call `seq` (naming a rank that never writes it),
+// then the arrived counter up to the slices those words announce. Returns the new cumulative target,
+// which the grid's last block stores once the block's work is done (combine_advance_target).
+__device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool selfAlive) {
+  __shared__ unsigned long long s_slices;
   const Common& c = p.c;
   const Layout& l = c.layout;
   char* region = c.local_region();
-  const bool failedBefore = ld_volatile(&c.state->failed) != 0;
-  if (threadIdx.x == 0) s_rows = 0;
+  if (threadIdx.x == 0) s_slices = 0;
   __syncthreads();
-  unsigned long long mine = 0;
-  for (int i = threadIdx.x; i < p.numTokens * p.numTopk; i += blockDim.x)
-    if (combine_row_of(p, selfAlive, i / p.numTopk, i % p.numTopk) == i % p.numTopk) ++mine;
-  if (mine != 0) atomicAdd(&s_rows, mine);
-  const uint64_t base = c.state->combineExpected[c.parity];
-  if (blockIdx.x < p.numTokens && selfAlive) {
-    const int* started = reinterpret_cast<const int*>(region + l.combineStarted);
+  if (selfAlive) {
+    const auto* words = reinterpret_cast<const int64_t*>(region + l.combineCountWords);
     for (int s = threadIdx.x; s < l.numRanks; s += blockDim.x) {
       if (!c.state->alive[s]) continue;
-      if (failedBefore || !wait_at_least(started + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
+      const int slices = wait_count_word(c, words + s, s, seq, kPhaseCombine);
+      if (slices != 0) atomicAdd(&s_slices, (unsigned long long)slices);
     }
   }
+  const uint64_t base = c.state->combineExpected[c.parity];
   __syncthreads();
   if (threadIdx.x == 0) {
     const auto* arrived = reinterpret_cast<const uint64_t*>(region + l.combineArrived);
     if (blockIdx.x < p.numTokens &&
-        (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, base + s_rows, c.timeoutNs)))
+        (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, base + s_slices, c.timeoutNs)))
       record_timeout(c.state, c.errorWord, kSomeRowsMissing, kPhaseCombine);
-    if (last_block_arrived(&c.state->combineRecvDone[c.parity])) c.state->combineExpected[c.parity] = base + s_rows;
   }
   __syncthreads();
+  return base + s_slices;
+}
+
+// After the block's reduce (off the wait's path): the grid's last block stores the new target.
+__device__ __forceinline__ void combine_advance_target(const Common& c, uint64_t target) {
+  if (threadIdx.x == 0 && last_block_arrived(&c.state->combineRecvDone[c.parity])) c.state->combineExpected[c.parity] = target;
 }
 
 __device__ void combine_recv(const CombineParams& p, int seq) {
@@ -1081,9 +1177,19 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
   const bool selfAlive = c.state->alive[c.rank] != 0;
   const bool failedBefore = ld_volatile(&c.state->failed) != 0;
   const int* ready = reinterpret_cast<const int*>(region + l.combineReady);
+  const auto load_token = [&](int t) {
+    if (threadIdx.x < K) {
+      const int k = threadIdx.x;
+      s_row[k] = combine_row_of(p, selfAlive, t, k);
+      s_weight[k] = p.topkWeights[(int64_t)t * K + k];
+    }
+  };
+  // The block's first token's routing is read before the wait (its loads overlap it).
+  if (blockIdx.x < p.numTokens) load_token(blockIdx.x);
 
+  uint64_t target = 0;
   if (!c.staged) {
-    combine_wait_rows(p, seq, selfAlive);
+    target = combine_wait_rows(p, seq, selfAlive);
   } else {
     if (blockIdx.x < p.numTokens) {
       for (int s = threadIdx.x; s < R; s += blockDim.x) {
@@ -1096,42 +1202,23 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
 
   const char* rows = region + l.combineRecv;
   for (int t = blockIdx.x; t < p.numTokens; t += gridDim.x) {
-    if (threadIdx.x < K) {
-      const int k = threadIdx.x;
-      s_row[k] = combine_row_of(p, selfAlive, t, k);
-      s_weight[k] = p.topkWeights[(int64_t)t * K + k];
+    if (t != blockIdx.x) {
+      load_token(t);
+      __syncthreads();
     }
-    __syncthreads();
     const int4* tokenRows = reinterpret_cast<const int4*>(rows + (int64_t)t * l.maxTopk * H * 2);
-    const int rowInt4 = H / 8;
-    for (int v = threadIdx.x; v < rowInt4; v += blockDim.x) {
-      float acc[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-      for (int k0 = 0; k0 < K; k0 += kCombineRowsInFlight) {
-        int4 packed[kCombineRowsInFlight];
-#pragma unroll
-        for (int u = 0; u < kCombineRowsInFlight; ++u) {
-          const int row = k0 + u < K ? s_row[k0 + u] : -1;
-          packed[u] = row >= 0 ? __ldcg(tokenRows + (int64_t)row * rowInt4 + v) : make_int4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < kCombineRowsInFlight; ++u) {
-          if (k0 + u >= K || s_row[k0 + u] < 0) continue;
-          float values[8];
-          unpack_bf16x8(packed[u], values);
-          const float w = s_weight[k0 + u];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, values[i]));
-        }
-      }
-      __nv_bfloat162 outPairs[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) outPairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-      reinterpret_cast<int4*>(p.out + (int64_t)t * H)[v] = *reinterpret_cast<const int4*>(outPairs);
+    int4* out = reinterpret_cast<int4*>(p.out + (int64_t)t * H);
+    // About eight row loads in flight per thread whatever top-k is: few rows, more vectors each.
+    if (K <= 2) {
+      combine_token<4, 2>(tokenRows, H / 8, K, s_row, s_weight, out);
+    } else if (K <= 4) {
+      combine_token<2, 4>(tokenRows, H / 8, K, s_row, s_weight, out);
+    } else {
+      combine_token<1, kCombineRowsInFlight>(tokenRows, H / 8, K, s_row, s_weight, out);
     }
     __syncthreads();
   }
+  if (!c.staged) combine_advance_target(c, target);
 }
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(CombineParams p) {
@@ -1259,7 +1346,7 @@ bunEpResult_t clear_flags(Context* ctx, cudaStream_t stream) {
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineReady, 0, l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchArrived, 0, 8, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineArrived, 0, 8, stream));
-    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineStarted, 0, l.numRanks * 4, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.combineCountWords, 0, l.numRanks * 8, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchCounts, 0, (size_t)l.numLocalExperts * l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.countWords, 0, (size_t)l.numLocalExperts * l.numRanks * 8, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.recvCount, 0, (size_t)l.numLocalExperts * 4, stream));
