@@ -71,6 +71,9 @@ constexpr int kSomeRowsMissing = -1;
 // Combine over peer pointers sends each row as this many slices (one warp each) when it has fewer
 // rows than warps; the arrived counter counts slices.
 constexpr int kCombinePartsPerRow = 4;
+// The count of a combine count word that says "no rows come from me: read them from my combine
+// buffer" (a pull sender).
+constexpr int kPullMarker = 0x7fffffff;
 
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -87,6 +90,9 @@ struct Layout {
   // after their rows) and
   // each sender's slice count for this rank, as a count word per call (int64 [R]).
   int64_t dispatchArrived, combineArrived, combineCountWords;
+  // Direct dispatch: per (token, top-k position) of this rank, the flat slot its row took at the
+  // expert's owner (-1: none); a pull combine reads the owner's combine buffer there.
+  int64_t sentSlot;
   int64_t countWords;  // direct dispatch: int64 [El][R] per source rank, (call number << 32) | count
   int64_t recvX, recvScales, recvCount, srcTokenIdx, layoutRange, slotRoute, combineBuffer, combinedX;
   int64_t sendRows, sendMeta;  // NVSHMEM transport: this rank's rows [M] and (t, k) int4 [M][maxTopk]
@@ -138,6 +144,7 @@ Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   l.dispatchArrived = take(8);
   l.combineArrived = take(8);
   l.combineCountWords = take((int64_t)l.numRanks * 8);
+  l.sentSlot = take((int64_t)l.maxTokens * l.maxTopk * 4);
   l.recvX = take(rows * l.hidden * 2);
   l.recvScales = take(rows * (l.hidden / kGroupSize) * 4);
   l.recvCount = take((int64_t)l.numLocalExperts * 4);
@@ -188,6 +195,9 @@ struct CombineParams {
   const float* topkWeights;
   __nv_bfloat16* out;
   int numTokens, numTopk;
+  // Peer pointers, no hook, x is this rank's combine buffer and the parity's dispatch was direct:
+  // homes read their rows straight from x (one pass) instead of this rank pushing them.
+  bool pull;
 };
 
 // ---- device helpers --------------------------------------------------------------------------
@@ -633,9 +643,10 @@ __device__ void unpack_row(const DispatchParams& p, char* region, int localExper
 
 // One home token's output: per vector, sum over k in order in f32 (w * x, no FMA), round once.
 // Each thread takes kVecs vectors (blockDim apart) and loads kRows rows of each before summing.
+// s_rows[k]: the row of top-k position k (NULL: none), in this rank's receive area or a peer's buffer.
 template <int kVecs, int kRows>
-__device__ __forceinline__ void combine_token(const int4* tokenRows, int rowInt4, int K, const int* s_row,
-                                              const float* s_weight, int4* out) {
+__device__ __forceinline__ void combine_token(const int4* const* s_rows, int rowInt4, int K, const float* s_weight,
+                                              int4* out) {
   for (int v0 = threadIdx.x; v0 < rowInt4; v0 += blockDim.x * kVecs) {
     float acc[kVecs][8];
 #pragma unroll
@@ -649,13 +660,13 @@ __device__ __forceinline__ void combine_token(const int4* tokenRows, int rowInt4
         const int v = v0 + j * blockDim.x;
 #pragma unroll
         for (int u = 0; u < kRows; ++u) {
-          const int row = k0 + u < K ? s_row[k0 + u] : -1;
-          packed[j][u] = row >= 0 && v < rowInt4 ? __ldcg(tokenRows + (int64_t)row * rowInt4 + v) : make_int4(0, 0, 0, 0);
+          const int4* row = k0 + u < K ? s_rows[k0 + u] : nullptr;
+          packed[j][u] = row != nullptr && v < rowInt4 ? __ldcg(row + v) : make_int4(0, 0, 0, 0);
         }
       }
 #pragma unroll
       for (int u = 0; u < kRows; ++u) {
-        if (k0 + u >= K || s_row[k0 + u] < 0) continue;
+        if (k0 + u >= K || s_rows[k0 + u] == nullptr) continue;
         const float w = s_weight[k0 + u];
 #pragma unroll
         for (int j = 0; j < kVecs; ++j) {
@@ -754,6 +765,9 @@ __device__ __forceinline__ int64_t ld_relaxed_sys_s64(const int64_t* p) {
   int64_t v;
   asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
+}
+__device__ __forceinline__ void st_release_sys_s64(int64_t* p, int64_t v) {
+  asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ void st_relaxed_sys_s64(int64_t* p, int64_t v) {
   asm volatile("st.relaxed.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
@@ -863,6 +877,7 @@ __device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s
     s_dest[k] = dest;
     s_scales[k] = scales;
     s_flat[k] = flat;
+    reinterpret_cast<int*>(c.local_region() + l.sentSlot)[(int64_t)t * l.maxTopk + k] = dest != nullptr ? (int)flat : -1;
   }
   __syncthreads();
 }
@@ -1045,6 +1060,17 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   const int* route = reinterpret_cast<const int*>(region + l.slotRoute);
   const int* srcToken = reinterpret_cast<const int*>(region + l.srcTokenIdx);
 
+  if (p.pull) {
+    // Nothing moves: every live home learns (release: x, written by earlier kernels, is visible to
+    // it before the word) that it reads its rows from this rank's combine buffer.
+    if (blockIdx.x == 0)
+      for (int q = threadIdx.x; q < R; q += blockDim.x)
+        if (selfAlive && c.state->alive[q])
+          st_release_sys_s64(reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + l.combineCountWords) + c.rank,
+                             count_word(seq, kPullMarker));
+    if (threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity])) c.state->combineSeq[c.parity] = seq;
+    return;
+  }
   warp_exclusive_scan(reinterpret_cast<const int*>(region + l.recvCount), El, s_prefix);
   __syncthreads();
   const int total = selfAlive ? s_prefix[El] : 0;
@@ -1135,19 +1161,26 @@ __device__ __forceinline__ int combine_row_of(const CombineParams& p, bool selfA
 // Peer pointers: every live sender's count word of call `seq` (naming a rank that never writes it),
 // then the arrived counter up to the slices those words announce. Returns the new cumulative target,
 // which the grid's last block stores once the block's work is done (combine_advance_target).
-__device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool selfAlive) {
+// s_pull[s] is set for senders that let this rank read its rows from their combine buffer.
+__device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool selfAlive, int* s_pull) {
   __shared__ unsigned long long s_slices;
   const Common& c = p.c;
   const Layout& l = c.layout;
   char* region = c.local_region();
   if (threadIdx.x == 0) s_slices = 0;
+  for (int s = threadIdx.x; s < l.numRanks; s += blockDim.x) s_pull[s] = 0;
   __syncthreads();
   if (selfAlive) {
     const auto* words = reinterpret_cast<const int64_t*>(region + l.combineCountWords);
     for (int s = threadIdx.x; s < l.numRanks; s += blockDim.x) {
       if (!c.state->alive[s]) continue;
       const int slices = wait_count_word(c, words + s, s, seq, kPhaseCombine);
-      if (slices != 0) atomicAdd(&s_slices, (unsigned long long)slices);
+      if (slices == kPullMarker) {
+        fence_sys();  // acquire: the sender's expert outputs before this rank's reads of them
+        s_pull[s] = 1;
+      } else if (slices != 0) {
+        atomicAdd(&s_slices, (unsigned long long)slices);
+      }
     }
   }
   const uint64_t base = c.state->combineExpected[c.parity];
@@ -1169,7 +1202,11 @@ __device__ __forceinline__ void combine_advance_target(const Common& c, uint64_t
 
 __device__ void combine_recv(const CombineParams& p, int seq) {
   __shared__ int s_row[kMaxTopk];
+  __shared__ int s_owner[kMaxTopk];
+  __shared__ int s_slot[kMaxTopk];
   __shared__ float s_weight[kMaxTopk];
+  __shared__ const int4* s_rows[kMaxTopk];
+  __shared__ int s_pull[kMaxRanks];
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, K = p.numTopk, H = l.hidden;
@@ -1180,7 +1217,10 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
   const auto load_token = [&](int t) {
     if (threadIdx.x < K) {
       const int k = threadIdx.x;
-      s_row[k] = combine_row_of(p, selfAlive, t, k);
+      const int row = combine_row_of(p, selfAlive, t, k);
+      s_row[k] = row;
+      s_owner[k] = row >= 0 ? (int)(p.topkIdx[(int64_t)t * K + k] / l.numLocalExperts) : -1;
+      s_slot[k] = row >= 0 ? reinterpret_cast<const int*>(region + l.sentSlot)[(int64_t)t * l.maxTopk + row] : -1;
       s_weight[k] = p.topkWeights[(int64_t)t * K + k];
     }
   };
@@ -1189,8 +1229,9 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
 
   uint64_t target = 0;
   if (!c.staged) {
-    target = combine_wait_rows(p, seq, selfAlive);
+    target = combine_wait_rows(p, seq, selfAlive, s_pull);
   } else {
+    for (int s = threadIdx.x; s < R; s += blockDim.x) s_pull[s] = 0;
     if (blockIdx.x < p.numTokens) {
       for (int s = threadIdx.x; s < R; s += blockDim.x) {
         if (!selfAlive || !c.state->alive[s]) continue;
@@ -1208,13 +1249,24 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
     }
     const int4* tokenRows = reinterpret_cast<const int4*>(rows + (int64_t)t * l.maxTopk * H * 2);
     int4* out = reinterpret_cast<int4*>(p.out + (int64_t)t * H);
+    if (threadIdx.x < K) {
+      // A pushed row sits in this rank's receive area; a pull sender's row in its combine buffer,
+      // at the slot this rank's dispatch gave it.
+      const int k = threadIdx.x, row = s_row[k], owner = s_owner[k];
+      const int4* src = nullptr;
+      if (row >= 0 && !s_pull[owner]) src = tokenRows + (int64_t)row * (H / 8);
+      if (row >= 0 && s_pull[owner] && s_slot[k] >= 0)
+        src = reinterpret_cast<const int4*>(c.peers[owner] + c.parity_offset() + l.combineBuffer) + (int64_t)s_slot[k] * (H / 8);
+      s_rows[k] = src;
+    }
+    __syncthreads();
     // About eight row loads in flight per thread whatever top-k is: few rows, more vectors each.
     if (K <= 2) {
-      combine_token<4, 2>(tokenRows, H / 8, K, s_row, s_weight, out);
+      combine_token<4, 2>(s_rows, H / 8, K, s_weight, out);
     } else if (K <= 4) {
-      combine_token<2, 4>(tokenRows, H / 8, K, s_row, s_weight, out);
+      combine_token<2, 4>(s_rows, H / 8, K, s_weight, out);
     } else {
-      combine_token<1, kCombineRowsInFlight>(tokenRows, H / 8, K, s_row, s_weight, out);
+      combine_token<1, kCombineRowsInFlight>(s_rows, H / 8, K, s_weight, out);
     }
     __syncthreads();
   }
@@ -1249,6 +1301,7 @@ struct Context {
   int* errorHost;
   int* errorDevice;
   bool unusable;
+  bool directDispatch[2];  // the last dispatch of each parity wrote rows straight into their slots
   int dispatchSendSmem;
   int waitingBlockBudget;  // blocks of kThreads one rank may keep spinning
 };
@@ -1512,8 +1565,10 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
     const int grid = std::min(std::max(1, p.numTokens), ctx->waitingBlockBudget);
     dispatch_direct_kernel<<<std::max(1, grid), kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
+    ctx->directDispatch[args->parity] = true;
     return bunEpSuccess;
   }
+  ctx->directDispatch[args->parity] = false;
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
     // One kernel: no second launch, no kernel boundary between the phases.
     const int grid = std::min(std::max(p.numTokens, El * p.recvSplitsPerExpert), ctx->waitingBlockBudget);
@@ -1566,6 +1621,12 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
   p.out = args->out != nullptr ? static_cast<__nv_bfloat16*>(args->out)
                                : reinterpret_cast<__nv_bfloat16*>(ctx->local + args->parity * l.parityBytes + l.combinedX);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
+  // Pull (one pass: homes read the rows where the experts wrote them) when the outputs are this
+  // rank's combine buffer (zero-copy), the parity's dispatch was direct (homes know each row's slot)
+  // and there is no hook (a hook's send must move the bytes itself).
+  p.pull = !p.c.staged && args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV) &&
+           ctx->directDispatch[args->parity] &&
+           static_cast<const char*>(args->x) == ctx->local + args->parity * l.parityBytes + l.combineBuffer;
   // The send phase spreads rows over every warp of its grid; the prefix of counts is (El + 1) ints.
   // Grid by the work: at most R * M * min(maxTopk, El) rows arrive here (a warp each) and the
   // receive phase takes a block per token; tiny calls then pay for few blocks' fences.
