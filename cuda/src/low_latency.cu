@@ -470,13 +470,29 @@ struct Fp8Chunk {
 
 // Chunk v (channels 16v..16v+15) of `src`. Every lane of the warp calls it (the group's amax is
 // reduced over 8 lanes); an inactive lane contributes 0 and its result is unused.
+// The 16 channels of chunk v, kept packed (8 registers, not 16 floats); zeros when inactive.
+struct RawChunk {
+  int4 raw[2];
+};
+__device__ __forceinline__ RawChunk load_chunk(const int4* src, int v, bool active) {
+  RawChunk r{{make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)}};
+  if (active) {
+    r.raw[0] = ld_nc_int4(src + 2 * v);
+    r.raw[1] = ld_nc_int4(src + 2 * v + 1);
+  }
+  return r;
+}
+
+__device__ __forceinline__ Fp8Chunk quantize_loaded(const RawChunk& loaded, bool active, bool roundScale);
+
 __device__ __forceinline__ Fp8Chunk quantize_chunk(const int4* src, int v, bool active, bool roundScale) {
-  // Kept packed (8 registers, not 16 floats): widened again when quantized.
-  int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+  return quantize_loaded(load_chunk(src, v, active), active, roundScale);
+}
+
+__device__ __forceinline__ Fp8Chunk quantize_loaded(const RawChunk& loaded, bool active, bool roundScale) {
+  const int4* raw = loaded.raw;
   float amax = 0.0f;
   if (active) {
-    raw[0] = ld_nc_int4(src + 2 * v);
-    raw[1] = ld_nc_int4(src + 2 * v + 1);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float2 pair = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(raw)[i]);
@@ -884,15 +900,21 @@ __device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s
 
 // fp8 into packed slots: payload, then f32 scales (group leaders) or, with ue8m0, one word of four
 // exponent bytes per warp (H is then a multiple of 512, so a warp's 32 chunks are 4 whole groups).
-__device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const* s_dest, char* const* s_scales) {
+// `first`: this thread's first chunk, loaded by the caller ahead of the token's waits. Each later
+// chunk is loaded one step ahead, so a load is always in flight while the previous one is quantized.
+__device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const* s_dest, char* const* s_scales,
+                                    const RawChunk& first) {
   const int H = p.c.layout.hidden;
   const bool roundScale = p.roundScale || p.useUe8m0;
   const int lane = threadIdx.x % 32;
   const int4* src = reinterpret_cast<const int4*>(p.x + (int64_t)t * H);
+  RawChunk next = first;
   for (int base = 0; base < H / 16; base += blockDim.x) {
     const int v = base + threadIdx.x;
     const bool active = v < H / 16;
-    const Fp8Chunk chunk = quantize_chunk(src, v, active, roundScale);
+    const RawChunk current = next;
+    if (base + (int)blockDim.x < H / 16) next = load_chunk(src, v + blockDim.x, v + (int)blockDim.x < H / 16);
+    const Fp8Chunk chunk = quantize_loaded(current, active, roundScale);
     uint32_t exponents = 0;
     if (p.useUe8m0) {
       const uint32_t mine = (__float_as_uint(chunk.scale) >> 23) & 0xffu;
@@ -992,9 +1014,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   publish_counts(p, seq, s_topk, s_alive, s_expertCount);
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    // The row's first chunk is read before the planning waits (its load overlaps them).
+    const RawChunk first = p.useFp8 ? load_chunk(reinterpret_cast<const int4*>(p.x + (int64_t)t * c.layout.hidden),
+                                                 threadIdx.x, (int)threadIdx.x < c.layout.hidden / 16)
+                                    : RawChunk{};
     plan_token_direct(p, seq, s_topk, s_alive, t, s_pos, s_begin, s_dest, s_scales, s_flat, s_rowsTo);
     if (p.useFp8) {
-      send_row_fp8_direct(p, t, s_dest, s_scales);
+      send_row_fp8_direct(p, t, s_dest, s_scales, first);
     } else {
       send_row_bf16(p, t, s_dest);
     }
