@@ -27,6 +27,9 @@ rm -f "$WORK"/*.json "$WORK"/status.md
 # Results carried in from other runs must not pass for this one's (this is the device's copy).
 mkdir -p "$WORK/carried-results" && mv bench/results/*.json "$WORK/carried-results/" 2>/dev/null
 START=$(date +%s)
+# The device's copy of .git may lag the working tree it was sent with: pass BUN_EP_COMMIT to name it.
+COMMIT=${BUN_EP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}
+export COMMIT
 DEADLINE=$((START + ${BATCH_BUDGET_S:-540}))
 SEED=${BUN_EP_SEED:-$((START % 1000000))}
 export BUN_EP_SEED=$SEED
@@ -69,7 +72,7 @@ step() {
 
 show_machine() {
   date -u +%FT%TZ
-  echo "bun-ep $(git rev-parse --short HEAD 2>/dev/null || echo '?') (dirty files: $(git status --porcelain 2>/dev/null | wc -l)); seed $BUN_EP_SEED"
+  echo "bun-ep $COMMIT (dirty files: $(git status --porcelain 2>/dev/null | wc -l)); seed $BUN_EP_SEED"
   echo "DeepEP commit: $(cat .deepep/DEEPEP_COMMIT 2>/dev/null || echo 'missing: carry .deepep')"
   nvidia-smi
   nvidia-smi topo -m
@@ -232,7 +235,7 @@ export ROOT START
 {
   echo "# Multi-GPU batch (issue 8)"
   echo ""
-  echo "$(date -u +%FT%TZ), ${NUM_GPUS} GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); bun-ep $(git rev-parse --short HEAD 2>/dev/null); DeepEP $(cat .deepep/DEEPEP_COMMIT 2>/dev/null); seed $SEED"
+  echo "$(date -u +%FT%TZ), ${NUM_GPUS} GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); bun-ep $COMMIT; DeepEP $(cat .deepep/DEEPEP_COMMIT 2>/dev/null); seed $SEED"
   echo ""
 } > "$OUT/summary.md"
 echo "| step | result | took | log |" > "$STATUS"
