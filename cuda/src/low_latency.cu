@@ -74,6 +74,8 @@ constexpr int kCombinePartsPerRow = 4;
 // The count of a combine count word that says "no rows come from me: read them from my combine
 // buffer" (a pull sender).
 constexpr int kPullMarker = 0x7fffffff;
+// At most this many blocks share one token's reduce in the combine receive phase.
+constexpr int kMaxTokenSplits = 4;
 
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -661,9 +663,9 @@ __device__ void unpack_row(const DispatchParams& p, char* region, int localExper
 // Each thread takes kVecs vectors (blockDim apart) and loads kRows rows of each before summing.
 // s_rows[k]: the row of top-k position k (NULL: none), in this rank's receive area or a peer's buffer.
 template <int kVecs, int kRows>
-__device__ __forceinline__ void combine_token(const int4* const* s_rows, int rowInt4, int K, const float* s_weight,
+__device__ __forceinline__ void combine_token(const int4* const* s_rows, int begin, int end, int K, const float* s_weight,
                                               int4* out) {
-  for (int v0 = threadIdx.x; v0 < rowInt4; v0 += blockDim.x * kVecs) {
+  for (int v0 = begin + threadIdx.x; v0 < end; v0 += blockDim.x * kVecs) {
     float acc[kVecs][8];
 #pragma unroll
     for (int j = 0; j < kVecs; ++j)
@@ -677,7 +679,7 @@ __device__ __forceinline__ void combine_token(const int4* const* s_rows, int row
 #pragma unroll
         for (int u = 0; u < kRows; ++u) {
           const int4* row = k0 + u < K ? s_rows[k0 + u] : nullptr;
-          packed[j][u] = row != nullptr && v < rowInt4 ? __ldcg(row + v) : make_int4(0, 0, 0, 0);
+          packed[j][u] = row != nullptr && v < end ? __ldcg(row + v) : make_int4(0, 0, 0, 0);
         }
       }
 #pragma unroll
@@ -696,7 +698,7 @@ __device__ __forceinline__ void combine_token(const int4* const* s_rows, int row
 #pragma unroll
     for (int j = 0; j < kVecs; ++j) {
       const int v = v0 + j * blockDim.x;
-      if (v >= rowInt4) continue;
+      if (v >= end) continue;
       __nv_bfloat162 outPairs[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) outPairs[i] = __floats2bfloat162_rn(acc[j][2 * i], acc[j][2 * i + 1]);
@@ -1188,7 +1190,7 @@ __device__ __forceinline__ int combine_row_of(const CombineParams& p, bool selfA
 // then the arrived counter up to the slices those words announce. Returns the new cumulative target,
 // which the grid's last block stores once the block's work is done (combine_advance_target).
 // s_pull[s] is set for senders that let this rank read its rows from their combine buffer.
-__device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool selfAlive, int* s_pull) {
+__device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool selfAlive, bool hasWork, int* s_pull) {
   __shared__ unsigned long long s_slices;
   const Common& c = p.c;
   const Layout& l = c.layout;
@@ -1213,8 +1215,7 @@ __device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool self
   __syncthreads();
   if (threadIdx.x == 0) {
     const auto* arrived = reinterpret_cast<const uint64_t*>(region + l.combineArrived);
-    if (blockIdx.x < p.numTokens &&
-        (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, base + s_slices, c.timeoutNs)))
+    if (hasWork && (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, base + s_slices, c.timeoutNs)))
       record_timeout(c.state, c.errorWord, kSomeRowsMissing, kPhaseCombine);
   }
   __syncthreads();
@@ -1250,15 +1251,21 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
       s_weight[k] = p.topkWeights[(int64_t)t * K + k];
     }
   };
+  // With more blocks than tokens, a token's vectors are split over up to kMaxTokenSplits blocks
+  // (across GPUs the reads are latency-bound: more blocks, more loads in flight).
+  const int splits = max(1, min(kMaxTokenSplits, (int)gridDim.x / max(1, p.numTokens)));
+  const int items = p.numTokens * splits;
+  const bool hasWork = (int)blockIdx.x < items;
   // The block's first token's routing is read before the wait (its loads overlap it).
-  if (blockIdx.x < p.numTokens) load_token(blockIdx.x);
+  int loaded = hasWork ? (int)blockIdx.x / splits : -1;
+  if (hasWork) load_token(loaded);
 
   uint64_t target = 0;
   if (!c.staged) {
-    target = combine_wait_rows(p, seq, selfAlive, s_pull);
+    target = combine_wait_rows(p, seq, selfAlive, hasWork, s_pull);
   } else {
     for (int s = threadIdx.x; s < R; s += blockDim.x) s_pull[s] = 0;
-    if (blockIdx.x < p.numTokens) {
+    if (hasWork) {
       for (int s = threadIdx.x; s < R; s += blockDim.x) {
         if (!selfAlive || !c.state->alive[s]) continue;
         if (failedBefore || !wait_at_least(ready + s, seq, c.timeoutNs)) record_timeout(c.state, c.errorWord, s, kPhaseCombine);
@@ -1268,9 +1275,12 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
   }
 
   const char* rows = region + l.combineRecv;
-  for (int t = blockIdx.x; t < p.numTokens; t += gridDim.x) {
-    if (t != blockIdx.x) {
+  const int rowInt4 = H / 8, chunk = (rowInt4 + splits - 1) / splits;
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int t = item / splits, begin = (item % splits) * chunk, end = min(rowInt4, begin + chunk);
+    if (t != loaded) {
       load_token(t);
+      loaded = t;
       __syncthreads();
     }
     const int4* tokenRows = reinterpret_cast<const int4*>(rows + (int64_t)t * l.maxTopk * H * 2);
@@ -1288,11 +1298,11 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
     __syncthreads();
     // About eight row loads in flight per thread whatever top-k is: few rows, more vectors each.
     if (K <= 2) {
-      combine_token<4, 2>(s_rows, H / 8, K, s_weight, out);
+      combine_token<4, 2>(s_rows, begin, end, K, s_weight, out);
     } else if (K <= 4) {
-      combine_token<2, 4>(s_rows, H / 8, K, s_weight, out);
+      combine_token<2, 4>(s_rows, begin, end, K, s_weight, out);
     } else {
-      combine_token<1, kCombineRowsInFlight>(s_rows, H / 8, K, s_weight, out);
+      combine_token<1, kCombineRowsInFlight>(s_rows, begin, end, K, s_weight, out);
     }
     __syncthreads();
   }
@@ -1670,7 +1680,7 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
     BUN_EP_LAUNCH_CHECK();
   }
   if ((args->phases & BUN_EP_LL_PHASE_RECV) && p.numTokens > 0) {
-    combine_recv_kernel<<<std::min(p.numTokens, grid), kThreads, 0, stream>>>(p);
+    combine_recv_kernel<<<std::min(p.numTokens * kMaxTokenSplits, grid), kThreads, 0, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
   }
   return bunEpSuccess;
