@@ -13,8 +13,16 @@
 //
 // Combine. Send kernel: for every valid slot, the expert output row goes to its home rank's
 // receive area [M][maxTopk] at (source token, first top-k position of that expert); the last block
-// raises a flag per home rank. Receive kernel: waits for the flags, then sums over k in order in f32
-// (no FMA: __fmul_rn/__fadd_rn) and rounds to bf16 once.
+// raises a flag per home rank (NVSHMEM; over peer pointers: count words and arrived counters, see
+// below). Receive kernel: waits, then sums over k in order in f32 (no FMA: __fmul_rn/__fadd_rn) and
+// rounds to bf16 once. Pull (peer pointers, zero-copy outputs, direct dispatch, no hook): the owner
+// only publishes a marker; homes read each row where the expert wrote it (the slot their dispatch
+// recorded in sentSlot).
+//
+// Peer pointers, no flags: every sender block adds its row (or slice) count to the receiver's
+// cumulative arrived counter with one release reduction after writing them; the receiver learns
+// how many to expect from call-numbered count words and waits for its running target. A word that
+// never arrives names the missing rank; a counter that stops short reports rows that never came.
 //
 // NVSHMEM transport ("staged"): a row is built once in this rank's own send area, then each
 // destination gets it by a warp copy (peers nvshmem_ptr reaches) or by nvshmemx_putmem_nbi_warp
@@ -772,9 +780,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(D
 // token's experts at their owners, so slot = (sum of those counts) + (earlier tokens of this rank
 // with that expert), and stores the row, its scales and its handle entries (source token, top-k
 // position) straight into the owner's recvX / recvXScales / srcTokenIdx / slot routes: no staging,
-// no second pass. The grid's last block raises the per-source ready flag at every receiver; block 0
-// waits for every live source's flag and writes recvCount and layoutRange from the count words.
-// Every rank waits for every live source's flag, so no rank starts call n + 2 of a parity (and
+// no second pass. Each block then adds its rows per receiver to that receiver's arrived counter;
+// block 0 waits for every live source's count words of its experts (in parallel), writes recvCount
+// and layoutRange from them, and waits until the counter holds every row they announce.
+// Every rank waits for every live source's count words, so no rank starts call n + 2 of a parity (and
 // rewrites its count words) before every rank has finished reading call n's; and a sender writes a
 // receiver's slots only after the receiver's own count word of this call is seen (the receiver has
 // launched this call: its earlier work on this parity's outputs, in its stream order, is done).
