@@ -788,17 +788,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(D
 // receiver's slots only after the receiver's own count word of this call is seen (the receiver has
 // launched this call: its earlier work on this parity's outputs, in its stream order, is done).
 
-__device__ __forceinline__ int64_t ld_relaxed_sys_s64(const int64_t* p) {
-  int64_t v;
-  asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys_s64(int64_t* p, int64_t v) {
-  asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ void st_relaxed_sys_s64(int64_t* p, int64_t v) {
-  asm volatile("st.relaxed.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
 __device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int64_t)seq << 32) | (uint32_t)count; }
 
@@ -807,11 +796,11 @@ __device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int
 // The count of a count word written by rank `s` for call `seq` (bounded wait; on a timeout `s` is
 // recorded for `phase` and 0 returned: the call's results are void).
 __device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
-  int64_t value = ld_relaxed_sys_s64(word);
+  int64_t value = ld_relaxed_sys(word);
   if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
   if (ld_volatile(&c.state->failed) != 0) return 0;
   const uint64_t start = globaltimer_ns();
-  while ((int)((value = ld_relaxed_sys_s64(word)) >> 32) < seq) {
+  while ((int)((value = ld_relaxed_sys(word)) >> 32) < seq) {
     if (globaltimer_ns() - start > c.timeoutNs) {
       record_timeout(c.state, c.errorWord, s, phase);
       return 0;
@@ -843,7 +832,7 @@ __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_to
     if (!s_alive[owner]) continue;
     int64_t* word = reinterpret_cast<int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
                     (int64_t)(e % El) * R + c.rank;
-    st_relaxed_sys_s64(word, count_word(seq, s_expertCount[e]));
+    st_relaxed_sys(word, count_word(seq, s_expertCount[e]));
   }
 }
 
@@ -1103,7 +1092,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
     if (blockIdx.x == 0)
       for (int q = threadIdx.x; q < R; q += blockDim.x)
         if (selfAlive && c.state->alive[q])
-          st_release_sys_s64(reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + l.combineCountWords) + c.rank,
+          st_release_sys(reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + l.combineCountWords) + c.rank,
                              count_word(seq, kPullMarker));
     if (threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity])) c.state->combineSeq[c.parity] = seq;
     return;
@@ -1127,7 +1116,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
       for (int e = lane; e < El; e += 32) rows += range[((int64_t)e * R + q) * 2 + 1];
       rows = __reduce_add_sync(0xffffffffu, rows);
       auto* word = reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + l.combineCountWords) + c.rank;
-      if (lane == 0) st_relaxed_sys_s64(word, count_word(seq, rows * parts));
+      if (lane == 0) st_relaxed_sys(word, count_word(seq, rows * parts));
     }
   }
   for (int work = globalWarp; work < total * parts; work += numWarps) {

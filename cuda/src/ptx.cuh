@@ -29,17 +29,24 @@ __device__ __forceinline__ void st_release_sys(int* p, int v) {
 __device__ __forceinline__ void st_relaxed_sys(int* p, int v) {
   asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// 64-bit words that carry (call number << 32 | count): relaxed where the number alone matters.
+__device__ __forceinline__ int64_t ld_relaxed_sys(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_sys(int64_t* p, int64_t v) {
+  asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_relaxed_sys(int64_t* p, int64_t v) {
+  asm volatile("st.relaxed.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
   int old;
   asm volatile("atom.add.release.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
 __device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
 // Adds `v` after every write this thread made, or saw made (a __syncthreads before it covers the
 // whole block's writes), is visible system-wide: a release reduction, no value returned.
 __device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
@@ -80,9 +87,10 @@ __device__ __forceinline__ bool wait_at_least(const int* flag, int target, uint6
 
 // Spin until `*counter >= target` (acquire, system scope) or `timeout_ns` passes.
 __device__ __forceinline__ bool wait_at_least(const uint64_t* counter, uint64_t target, uint64_t timeout_ns) {
-  if (ld_acquire_sys(counter) >= target) return true;
+  const auto* word = reinterpret_cast<const int64_t*>(counter);
+  if ((uint64_t)ld_acquire_sys(word) >= target) return true;
   const uint64_t start = globaltimer_ns();
-  while (ld_acquire_sys(counter) < target) {
+  while ((uint64_t)ld_acquire_sys(word) < target) {
     if (globaltimer_ns() - start > timeout_ns) return false;
   }
   return true;
