@@ -1396,6 +1396,19 @@ bunEpResult_t check_nvshmem_transport(const bunEpLowLatencyConfig_t& c) {
 #endif
 }
 
+// What dispatch and combine check alike: token count, top-k, buffer parity, phases.
+bunEpResult_t check_call(const bunEpLowLatencyConfig_t& cfg, int64_t numTokens, int64_t numTopk, int64_t parity,
+                         int64_t phases) {
+  BUN_EP_REQUIRE(numTokens >= 0 && numTokens <= cfg.maxTokensPerRank, "numTokens: expected 0..maxTokensPerRank %lld, got %lld",
+                 (long long)cfg.maxTokensPerRank, (long long)numTokens);
+  BUN_EP_REQUIRE(numTopk >= 1 && numTopk <= cfg.maxTopk, "numTopk: expected 1..maxTopk %lld, got %lld",
+                 (long long)cfg.maxTopk, (long long)numTopk);
+  BUN_EP_REQUIRE(parity == 0 || parity == 1, "parity: expected 0 or 1, got %lld", (long long)parity);
+  BUN_EP_REQUIRE((phases & ~(int64_t)(BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) == 0 && phases != 0,
+                 "phases: expected BUN_EP_LL_PHASE_SEND and/or _RECV bits, got %lld", (long long)phases);
+  return bunEpSuccess;
+}
+
 Context* context_of(void* handle) { return static_cast<Context*>(handle); }
 
 bunEpResult_t enter(Context* ctx) {
@@ -1563,19 +1576,12 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
   const DeviceScope device_scope(ctx->device);
   BUN_EP_REQUIRE(args != nullptr, "args: expected a bunEpLowLatencyDispatchArgs_t pointer, got NULL");
   const bunEpLowLatencyConfig_t& cfg = ctx->config;
-  BUN_EP_REQUIRE(args->numTokens >= 0 && args->numTokens <= cfg.maxTokensPerRank,
-                 "numTokens: expected 0..maxTokensPerRank %lld, got %lld", (long long)cfg.maxTokensPerRank,
-                 (long long)args->numTokens);
-  BUN_EP_REQUIRE(args->numTopk >= 1 && args->numTopk <= cfg.maxTopk, "numTopk: expected 1..maxTopk %lld, got %lld",
-                 (long long)cfg.maxTopk, (long long)args->numTopk);
-  BUN_EP_REQUIRE(args->parity == 0 || args->parity == 1, "parity: expected 0 or 1, got %lld", (long long)args->parity);
+  BUN_EP_TRY(check_call(cfg, args->numTokens, args->numTopk, args->parity, args->phases));
   BUN_EP_REQUIRE(args->numTokens == 0 || (args->x != nullptr && args->topkIdx != nullptr),
                  "x/topkIdx: expected device pointers for %lld tokens, got NULL", (long long)args->numTokens);
   BUN_EP_REQUIRE(!args->useUe8m0 || cfg.hidden % (kGroupSize * kUe8m0GroupsPerWord) == 0,
                  "useUe8m0: hidden must be a multiple of %d, got %lld", kGroupSize * kUe8m0GroupsPerWord,
                  (long long)cfg.hidden);
-  BUN_EP_REQUIRE((args->phases & ~(int64_t)(BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) == 0 && args->phases != 0,
-                 "phases: expected BUN_EP_LL_PHASE_SEND and/or _RECV bits, got %lld", (long long)args->phases);
 
   DispatchParams p{};
   p.c = common_of(ctx, (int)args->parity);
@@ -1630,14 +1636,7 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
   const DeviceScope device_scope(ctx->device);
   BUN_EP_REQUIRE(args != nullptr, "args: expected a bunEpLowLatencyCombineArgs_t pointer, got NULL");
   const bunEpLowLatencyConfig_t& cfg = ctx->config;
-  BUN_EP_REQUIRE(args->numTokens >= 0 && args->numTokens <= cfg.maxTokensPerRank,
-                 "numTokens: expected 0..maxTokensPerRank %lld, got %lld", (long long)cfg.maxTokensPerRank,
-                 (long long)args->numTokens);
-  BUN_EP_REQUIRE(args->numTopk >= 1 && args->numTopk <= cfg.maxTopk, "numTopk: expected 1..maxTopk %lld, got %lld",
-                 (long long)cfg.maxTopk, (long long)args->numTopk);
-  BUN_EP_REQUIRE(args->parity == 0 || args->parity == 1, "parity: expected 0 or 1, got %lld", (long long)args->parity);
-  BUN_EP_REQUIRE((args->phases & ~(int64_t)(BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) == 0 && args->phases != 0,
-                 "phases: expected BUN_EP_LL_PHASE_SEND and/or _RECV bits, got %lld", (long long)args->phases);
+  BUN_EP_TRY(check_call(cfg, args->numTokens, args->numTopk, args->parity, args->phases));
   BUN_EP_REQUIRE(!(args->phases & BUN_EP_LL_PHASE_SEND) || args->x != nullptr,
                  "x: expected the expert outputs [El, R*M, H] for the send phase, got NULL");
   BUN_EP_REQUIRE(!(args->phases & BUN_EP_LL_PHASE_RECV) || args->numTokens == 0 ||
