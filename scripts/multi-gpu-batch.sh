@@ -15,8 +15,8 @@
 #   bench.log     bench/copy.ts, bench/normal.ts (one rank per GPU), bench/low_latency.ts, examples
 #   deepep.log    DeepEP V1 intranode bench, NCCL all-to-all on the same bytes
 # docs/MULTI_GPU.md says how to read them. NVLink multicast stays off (remote.sh exports
-# NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1; DeepEP is built
-# without NVSHMEM, so nothing here can reach cuMulticastCreate).
+# NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 for every process;
+# DeepEP's intranode bench never initialises NVSHMEM).
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
@@ -39,8 +39,8 @@ STATUS=$WORK/status.md
 # shellcheck disable=SC1091
 source .device/remote.sh > "$SETUP_LOG" 2>&1
 NUM_GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
-# Convention proposed to the owners of tests and benches (docs/MULTI_GPU.md): ranks of one process
-# go to device rank % BUN_EP_NUM_GPUS, and launcher-driven tests use one rank per GPU. Unread today.
+# Convention of the tests and benches (docs/MULTI_GPU.md): ranks of one process go to device
+# rank % BUN_EP_NUM_GPUS, and launcher-driven tests use one rank per GPU.
 export BUN_EP_NUM_GPUS=$NUM_GPUS
 export PYTHONPATH=$ROOT/.deepep${PYTHONPATH:+:$PYTHONPATH}
 
