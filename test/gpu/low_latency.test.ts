@@ -13,7 +13,7 @@ import { LocalGroup } from "../../lib/group.ts";
 import { Stream } from "../../lib/stream.ts";
 import { DeviceTensor } from "../../lib/tensor.ts";
 import { describeGpu } from "./gpu_env.ts";
-import { createEngines, initFor, makeInputs, ranksPerGpu, toDevice, type LlShape, type RankState } from "./fixtures/ll_harness.ts";
+import { createEngines, initFor, makeInputs, NUM_GPUS, ranksPerGpu, toDevice, type LlShape, type RankState } from "./fixtures/ll_harness.ts";
 import { runRound, type RoundOptions } from "./fixtures/ll_run.ts";
 
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
@@ -40,7 +40,7 @@ function expectRounds(states: RankState[], shape: LlShape, rounds: RoundOptions[
   }
 }
 
-describeGpu("low-latency dispatch/combine (one GPU, LocalGroup)", () => {
+describeGpu(`low-latency dispatch/combine (${NUM_GPUS === 1 ? "one GPU" : `${NUM_GPUS} GPUs`}, LocalGroup)`, () => {
   for (const numRanks of [2, 4, 8]) {
     test(`${numRanks} ranks: bf16 and fp8, hook and not, both parities`, async () => {
       const shape: LlShape = { numRanks, maxTokensPerRank: 16, hidden: 512, numExperts: numRanks * 4, topk: 4 };

@@ -83,7 +83,7 @@ describe("normal test fixture", () => {
   });
 });
 
-describeGpu("normal kernels, ranks of one process on one GPU", () => {
+describeGpu(`normal kernels, ranks of one process on ${NUM_GPUS === 1 ? "one GPU" : `${NUM_GPUS} GPUs`}`, () => {
   testTagged("r2")("2 ranks: bf16/fp8, weights, biases, alignment, cached, worst, hidden 2048/4096/7168, topk 1/6/8", async () => {
     const buffers = await makeBuffers(2, 512 << 20);
     try {
@@ -187,7 +187,7 @@ describeGpu("normal kernels, ranks of one process on one GPU", () => {
   }, 60_000);
 });
 
-describeGpu("normal kernels, ranks as processes on one GPU (CUDA IPC; MPS on)", () => {
+describeGpu(`normal kernels, ranks as processes on ${NUM_GPUS === 1 ? "one GPU" : `${NUM_GPUS} GPUs`} (CUDA IPC; MPS on)`, () => {
   for (const nproc of [2, 4]) {
     testTagged(`process${nproc}`)(`${nproc} processes`, () => {
       const root = resolve(import.meta.dir, "..", "..");
