@@ -13,6 +13,7 @@
 //    the rank that sends them back), flags done; the home rank sums them per token in rank order.
 #include <cuda_bf16.h>
 #include "common.cuh"
+#include "bf16x8.cuh"
 #include "intranode_common.cuh"
 
 namespace bun_ep {
@@ -419,28 +420,6 @@ __device__ __forceinline__ void dispatch_block(const bunEpDispatchArgs_t& a, con
 }
 
 // ---- combine -------------------------------------------------------------------------------------
-__device__ __forceinline__ float bf16_bits_to_f32(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
-
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const uint32_t words[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    acc[2 * i] = __fadd_rn(acc[2 * i], bf16_bits_to_f32(words[i] & 0xffffu));
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], bf16_bits_to_f32(words[i] >> 16));
-  }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-  uint32_t words[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i]));
-    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
-    words[i] = lo | (hi << 16);
-  }
-  return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
-}
-
 // Push the rows this rank received from each home rank (this block's share) into that home's staging.
 template <int kRanks>
 __device__ __forceinline__ void combine_push(const bunEpCombineArgs_t& a, const StagingLayout& st, int block,
