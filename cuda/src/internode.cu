@@ -387,7 +387,7 @@ __device__ __forceinline__ void copy_to_many(const int4* src, int4* const* dsts,
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t at = i + u * 32;
-      if (at < numVectors) v[u] = kSourceIsInput ? ld_nc_int4(src + at) : ld_relaxed_int4(src + at);
+      if (at < numVectors) v[u] = kSourceIsInput ? ld_nc_int4(src + at) : ld_na_int4(src + at);
     }
     for (int d = 0; d < numDsts; ++d) {
       if (dsts[d] == nullptr) continue;
@@ -734,7 +734,7 @@ __global__ void __launch_bounds__(kDataThreads) combine_kernel(bunEpInternodeCom
         if (bias0 != nullptr) add_bf16x8(acc, ld_nc_int4(bias0 + i));
         if (bias1 != nullptr) add_bf16x8(acc, ld_nc_int4(bias1 + i));
         for (int p = 0; p < numParts; ++p)
-          add_bf16x8(acc, ld_relaxed_int4(reinterpret_cast<const int4*>(mine[p] + pair.xOffset) + i));
+          add_bf16x8(acc, ld_na_int4(reinterpret_cast<const int4*>(mine[p] + pair.xOffset) + i));
         st_na_int4(out + i, pack_bf16x8(acc));
       }
       if (a.combinedTopkWeights != nullptr) {

@@ -220,20 +220,5 @@ __device__ __forceinline__ bool wait_seq(const Flag* flag, const bunEpInternodeC
   }
 }
 
-// ---- warp helpers ---------------------------------------------------------------------------------
-constexpr unsigned kFullMask = 0xffffffffu;
-__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31u); }
-__device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x >> 5); }
-__device__ __forceinline__ int num_warps() { return static_cast<int>(blockDim.x >> 5); }
-
-// Relaxed 16-byte load that skips L1 (data written by other ranks during this kernel).
-__device__ __forceinline__ int4 ld_relaxed_int4(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 }  // namespace internode
 }  // namespace bun_ep

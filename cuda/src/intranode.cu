@@ -25,7 +25,6 @@ FeatureRegistration registered_feature(BUN_EP_FEATURE_INTRANODE);
 
 constexpr int kNotifyThreads = 1024;
 constexpr int kDefaultThreads = 512;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ char* buffer_at(const bunEpNormalComm_t& comm, int rank) {
   return static_cast<char*>(comm.peerBuffers[rank]);

@@ -155,19 +155,5 @@ __host__ __device__ inline StagingLayout staging_layout(int64_t bufferBytes, int
   return s;
 }
 
-// ---- warp helpers ---------------------------------------------------------------------------------
-__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31u); }
-__device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x >> 5); }
-__device__ __forceinline__ int num_warps() { return static_cast<int>(blockDim.x >> 5); }
-
-// Relaxed 16-byte load that skips L1 (data written by other SMs or GPUs during this kernel).
-__device__ __forceinline__ int4 ld_na_int4(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 }  // namespace normal
 }  // namespace bun_ep

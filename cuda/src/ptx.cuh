@@ -67,6 +67,21 @@ __device__ __forceinline__ void st_na_int4(int4* p, const int4& v) {
                "r"(v.z), "r"(v.w));
 }
 
+// Relaxed 16-byte load that skips L1: data other SMs, GPUs or processes wrote during this kernel.
+__device__ __forceinline__ int4 ld_na_int4(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// ---- warps -----------------------------------------------------------------------------------------
+constexpr unsigned kFullMask = 0xffffffffu;
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31u); }
+__device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x >> 5); }
+__device__ __forceinline__ int num_warps() { return static_cast<int>(blockDim.x >> 5); }
+
 // ---- time and bounded waits ----------------------------------------------------------------------
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
