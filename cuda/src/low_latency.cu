@@ -380,6 +380,21 @@ __device__ void warp_exclusive_scan(const int* in, int n, int* s_out) {
 
 // ---- dispatch: send ----------------------------------------------------------------------------
 
+// s_pos[k] += how many of this rank's tokens before t chose token t's k-th expert: the row's slot
+// position among this rank's rows for that expert. The caller zeroes s_pos (synced) and syncs after.
+// One pass per top-k position with a single counter per thread (few registers: the fp8 path that
+// follows needs them).
+__device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, int K, int* s_pos) {
+  for (int k = 0; k < K; ++k) {
+    const int mine = s_topk[t * K + k];
+    if (mine < 0) continue;  // block-uniform
+    unsigned count = 0;
+    for (int i = threadIdx.x; i < t * K; i += blockDim.x) count += s_topk[i] == mine ? 1u : 0u;
+    const unsigned total = __reduce_add_sync(0xffffffffu, count);
+    if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
+  }
+}
+
 // Where token t's row goes, per top-k position: the owner rank (-1: no expert, or its owner is
 // dead) and the row's byte offset in the owner's buffer (its slot: the number of earlier tokens
 // with that expert). s_dest: what the send loops write (peer rows; staged: this rank's send row
@@ -390,16 +405,7 @@ __device__ void plan_token(const DispatchParams& p, const int* s_topk, const int
   const int K = p.numTopk;
   if (threadIdx.x < kMaxTopk) s_pos[threadIdx.x] = 0;
   __syncthreads();
-  // One pass per top-k position with a single counter per thread (few registers: the fp8 path
-  // that follows needs them).
-  for (int k = 0; k < K; ++k) {
-    const int mine = s_topk[t * K + k];
-    if (mine < 0) continue;  // block-uniform
-    unsigned count = 0;
-    for (int i = threadIdx.x; i < t * K; i += blockDim.x) count += s_topk[i] == mine ? 1u : 0u;
-    const unsigned total = __reduce_add_sync(0xffffffffu, count);
-    if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
-  }
+  count_earlier_tokens(s_topk, t, K, s_pos);
   __syncthreads();
   if (threadIdx.x < K) {
     const int k = threadIdx.x;
@@ -849,14 +855,7 @@ __device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s
     s_begin[threadIdx.x] = 0;
   }
   __syncthreads();
-  for (int k = 0; k < K; ++k) {
-    const int mine = s_topk[t * K + k];
-    if (mine < 0) continue;  // block-uniform
-    unsigned count = 0;
-    for (int i = threadIdx.x; i < t * K; i += blockDim.x) count += s_topk[i] == mine ? 1u : 0u;
-    const unsigned total = __reduce_add_sync(0xffffffffu, count);
-    if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
-  }
+  count_earlier_tokens(s_topk, t, K, s_pos);
   // Begins: the counts of source ranks below this one, one (k, source) pair per thread. The owner's
   // own word is awaited too: the owner has then started this call, so it is done (in its stream
   // order) with whatever it did with this parity's outputs before.
