@@ -10,11 +10,15 @@
 // and the cost per call of --calls-per-graph calls captured back to back (a decode step's graph).
 // Ranks of the one process sit on GPU r % BUN_EP_NUM_GPUS (default 1); events are recorded on
 // each rank's own device.
-//   bun bench/low_latency.ts [--ranks 2,4,8] [--iterations 50] [--compute-us 50] [--calls-per-graph 20] [--floor-only]
+// The overlap step runs twice: with the spin kernel, and with a memory-bound full-GPU copy of
+// --compute-copy-mib per rank as the compute (it competes with the transfers for HBM).
+// BUN_EP_LL_COPY_ENGINES=all|0 picks the dispatch path (see DISPATCH_PATH); results then go to
+// bench/results/low_latency_copy-engines-<value>.json.
+//   bun bench/low_latency.ts [--ranks 2,4,8] [--iterations 50] [--compute-us 50] [--compute-copy-mib 32] [--calls-per-graph 20] [--floor-only]
 
 import { check, native } from "../lib/ffi.ts";
 import { LocalGroup } from "../lib/group.ts";
-import { Event, Stream, type Graph } from "../lib/stream.ts";
+import { deviceProps, Event, Stream, type Graph } from "../lib/stream.ts";
 import { DeviceTensor } from "../lib/tensor.ts";
 import type { LowLatencyDispatchResult } from "../lib/backend/types.ts";
 import { createEngines, makeInputs, toDevice, type LlShape, type RankState } from "../test/gpu/fixtures/ll_harness.ts";
@@ -30,6 +34,11 @@ const COMPUTE_US = Number(option("--compute-us", "50"));
 const WARMUP = 5;
 const CALLS_PER_GRAPH = Number(option("--calls-per-graph", "20"));
 const DEVICE = Number(process.env.BUN_EP_DEVICE ?? 0);
+// The second stand-in compute of the overlap step: a full-GPU copy of this many bytes per rank.
+const COMPUTE_COPY_BYTES = Number(option("--compute-copy-mib", "32")) * 2 ** 20;
+// Which dispatch path the native side takes (read there at context creation): "hook" (default:
+// copy engines with hook, direct peer stores without), "all" (copy engines always), "0" (never).
+const DISPATCH_PATH = process.env.BUN_EP_LL_COPY_ENGINES ?? "hook";
 
 requireGpu("bench/low_latency.ts");
 const lib = native();
@@ -218,39 +227,76 @@ async function benchShape(
   }
 
   if (opts.overlap) {
-    // Two micro-batches per step; between the calls a stand-in compute: a spin kernel of COMPUTE_US
-    // on each rank's stream (GPU time without memory traffic, so it does not compete with ours for HBM).
-    const compute = () =>
-      states.forEach((st) => check(lib.bun_ep_debug_spin(BigInt(Math.round(COMPUTE_US * 1000)), st.stream.handle), "compute"));
-    const stepWithout = () => {
-      const a = dispatchAll();
-      compute();
-      const b = dispatchAll();
-      compute();
-      combineAll(a);
-      compute();
-      combineAll(b);
-      compute();
-    };
-    const stepWith = () => {
-      const a = dispatchAll(true);
-      compute(); // micro-batch B's attention while A's tokens fly
-      const b = dispatchAll(true);
-      for (const r of a) r.hook();
-      compute(); // A's experts while B's tokens fly
-      for (const r of b) r.hook();
-      const ca = combineAll(a, true);
-      compute();
-      const cb = combineAll(b, true);
-      for (const c of ca) c.hook();
-      compute();
-      for (const c of cb) c.hook();
-    };
-    const without = median(timeForked(states, stepWithout, ITERATIONS));
-    const withHooks = median(timeForked(states, stepWith, ITERATIONS));
-    const op = `step(2 micro-batches, 4 x ${COMPUTE_US} us compute)`;
-    rows.push({ case: label, ranks: shape.numRanks, op, mode: "no hooks", latencyUs: without * 1000 });
-    rows.push({ case: label, ranks: shape.numRanks, op, mode: "hooks", latencyUs: withHooks * 1000, overlapWin: without / withHooks });
+    // Two micro-batches per step; between the calls a stand-in compute on each rank's stream: a spin
+    // kernel of COMPUTE_US (GPU time without SMs or memory traffic: the most a hook can hide), or a
+    // memory-bound full-GPU copy (it competes with the transfers for HBM and SMs). Timed with
+    // events (plain launches) and as one captured graph per step.
+    for (const kind of ["spin", "copy"] as const) {
+      const scratch =
+        kind === "copy"
+          ? states.map((st) => ({
+              src: DeviceTensor.zeros("u8", [COMPUTE_COPY_BYTES], { device: st.stream.device, stream: st.stream }),
+              dst: DeviceTensor.zeros("u8", [COMPUTE_COPY_BYTES], { device: st.stream.device, stream: st.stream }),
+            }))
+          : [];
+      // A block count of its own: the automatic one asks the stream's device, which a capture refuses.
+      const copyBlocks = 4 * deviceProps(DEVICE).multiProcessorCount;
+      const compute =
+        kind === "spin"
+          ? () => states.forEach((st) => check(lib.bun_ep_debug_spin(BigInt(Math.round(COMPUTE_US * 1000)), st.stream.handle), "compute"))
+          : () =>
+              states.forEach((st, r) =>
+                check(lib.bun_ep_debug_copy_bytes(scratch[r]!.dst.ptr, scratch[r]!.src.ptr, COMPUTE_COPY_BYTES, copyBlocks, st.stream.handle), "compute"),
+              );
+      const computeOnly = () => {
+        for (let i = 0; i < 4; i++) compute();
+      };
+      const stepWithout = () => {
+        const a = dispatchAll();
+        compute();
+        const b = dispatchAll();
+        compute();
+        combineAll(a);
+        compute();
+        combineAll(b);
+        compute();
+      };
+      const stepWith = () => {
+        const a = dispatchAll(true);
+        compute(); // micro-batch B's attention while A's tokens fly
+        const b = dispatchAll(true);
+        for (const r of a) r.hook();
+        compute(); // A's experts while B's tokens fly
+        for (const r of b) r.hook();
+        const ca = combineAll(a, true);
+        compute();
+        const cb = combineAll(b, true);
+        for (const c of ca) c.hook();
+        compute();
+        for (const c of cb) c.hook();
+      };
+      const what = kind === "spin" ? `${COMPUTE_US} us spin (no SM, no memory)` : `full-GPU copy of ${COMPUTE_COPY_BYTES / 2 ** 20} MiB per rank`;
+      const op = `step(2 micro-batches, 4 x ${what})`;
+      for (const timing of ["events", "graph"] as const) {
+        const time = (fn: () => void): number => {
+          if (timing === "events") return median(timeForked(states, fn, ITERATIONS));
+          const graph = captureForked(states, fn);
+          const ms = median(timeGraph(states, graph, ITERATIONS));
+          graph.close();
+          return ms;
+        };
+        const alone = time(computeOnly);
+        const without = time(stepWithout);
+        const withHooks = time(stepWith);
+        rows.push({ case: label, ranks: shape.numRanks, op, mode: `${timing}: compute alone`, latencyUs: alone * 1000 });
+        rows.push({ case: label, ranks: shape.numRanks, op, mode: `${timing}: no hooks`, latencyUs: without * 1000 });
+        rows.push({ case: label, ranks: shape.numRanks, op, mode: `${timing}: hooks`, latencyUs: withHooks * 1000, overlapWin: without / withHooks });
+      }
+      for (const b of scratch) {
+        b.src.free();
+        b.dst.free();
+      }
+    }
   }
 
   for (const st of states) st.stream.synchronize();
@@ -272,6 +318,7 @@ for (const numRanks of RANKS) {
   console.log(`EP${numRanks}: latency floor ...`);
   await benchShape("floor(8 tokens, top-1)", shape, rows, { events: false, overlap: false, breakdown: true });
 }
-const path = writeResults("low_latency", rows, { iterations: ITERATIONS, warmup: WARMUP, goal: "ratioToCopy >= 0.6; floor < 10 us in a graph" });
+const path = writeResults(DISPATCH_PATH === "hook" ? "low_latency" : `low_latency_copy-engines-${DISPATCH_PATH}`, rows, {
+  copyEngines: DISPATCH_PATH, iterations: ITERATIONS, warmup: WARMUP, goal: "ratioToCopy >= 0.6; floor < 10 us in a graph" });
 console.log(markdownTable(rows, ["case", "ranks", "op", "mode", "latencyUs", "bytes", "copyUs", "ratioToCopy", "GBps", "overlapWin"]));
 console.log(`wrote ${path}`);

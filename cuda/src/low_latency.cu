@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -84,6 +85,11 @@ constexpr int kCombinePartsPerRow = 4;
 constexpr int kPullMarker = 0x7fffffff;
 // At most this many blocks share one token's reduce in the combine receive phase.
 constexpr int kMaxTokenSplits = 4;
+// The copy-engine dispatch copies one blob to every peer: for at most this many ranks (beyond, the
+// copies of one call would outlast the peer-store paths), and over at most this many side streams
+// (H100/H200 have 3 async copy engines; a fourth stream keeps one queued).
+constexpr int kMaxCopyRanks = 16;
+constexpr int kMaxCopyStreams = 4;
 
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -106,6 +112,12 @@ struct Layout {
   int64_t countWords;  // direct dispatch: int64 [El][R] per source rank, (call number << 32) | count
   int64_t recvX, recvScales, recvCount, srcTokenIdx, layoutRange, slotRoute, combineBuffer, combinedX;
   int64_t sendRows, sendMeta;  // NVSHMEM transport: this rank's rows [M] and (t, k) int4 [M][maxTopk]
+  // Copy-engine dispatch (peer pointers): this rank's blob (see BlobShape), one inbox per source
+  // rank that the copy engines fill with that rank's blob, the inbox flags they write after it
+  // (copied from this rank's flagSource word), and per receiver the last call it finished reading
+  // from this rank's inboxes (acks: a sender's next blob waits for them).
+  int64_t blobMaxBytes;
+  int64_t sendBlob, inbox, inboxFlags, flagSource, ackWords;
   int64_t parityBytes;
   int64_t state;  // after both parities: State
   int64_t totalBytes;
@@ -122,8 +134,37 @@ struct State {
   int combineSeq[2];
   int dispatchDone[2];  // grid completion counters of the send kernels
   int combineDone[2];
+  int dispatchRecvDone[2];  // grid completion counters of the copy-engine receive kernels
   int alive[kMaxRanks];
 };
+
+// A rank's blob for the copy-engine dispatch: everything a receiver needs from one call, in one
+// contiguous block that is copied whole to every peer: per-expert token counts [E], then per (t, k)
+// the expert id (-1: none) and the row's position among this rank's tokens of that expert, then
+// the T rows (payload, then fp8 scales: f32 per group, or ue8m0 words). Its size depends on the
+// call's T, K and types, which the receiver learns from the inbox flag.
+struct BlobShape {
+  int64_t experts, positions, rows, rowBytes, scalesOffsetInRow, totalBytes;
+};
+
+__host__ __device__ inline BlobShape blob_shape(int numExperts, int hidden, int numTokens, int numTopk, bool useFp8,
+                                                bool useUe8m0) {
+  BlobShape b{};
+  const int64_t routingBytes = align_up((int64_t)numTokens * numTopk * 4, 16);
+  b.experts = align_up((int64_t)numExperts * 4, 16);
+  b.positions = b.experts + routingBytes;
+  b.rows = b.positions + routingBytes;
+  const int64_t scaleBytes = !useFp8 ? 0 : useUe8m0 ? hidden / (kGroupSize * kUe8m0GroupsPerWord) * 4 : hidden / kGroupSize * 4;
+  b.scalesOffsetInRow = useFp8 ? hidden : 2 * hidden;
+  b.rowBytes = b.scalesOffsetInRow + align_up(scaleBytes, 16);
+  b.totalBytes = b.rows + (int64_t)numTokens * b.rowBytes;
+  return b;
+}
+
+// The inbox flag word: (call number << 32) | (T << 8) | K of the blob it follows.
+__host__ __device__ constexpr int64_t inbox_flag(int seq, int numTokens, int numTopk) {
+  return ((int64_t)seq << 32) | ((int64_t)numTokens << 8) | numTopk;
+}
 
 Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   Layout l{};
@@ -165,6 +206,14 @@ Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   l.combinedX = take((int64_t)l.maxTokens * l.hidden * 2);
   l.sendRows = take((int64_t)l.maxTokens * l.stagingRowBytes);
   l.sendMeta = take((int64_t)l.maxTokens * l.maxTopk * 16);
+  // bf16 rows are the largest (2H bytes against H + H/32 for fp8).
+  l.blobMaxBytes = align_up(blob_shape((int)c.numExperts, l.hidden, l.maxTokens, l.maxTopk, false, false).totalBytes, 256);
+  const bool copyEngines = c.transport == BUN_EP_LL_TRANSPORT_PEER_POINTERS && c.numRanks <= kMaxCopyRanks;
+  l.sendBlob = take(copyEngines ? l.blobMaxBytes : 0);
+  l.inbox = take(copyEngines ? l.numRanks * l.blobMaxBytes : 0);
+  l.inboxFlags = take((int64_t)l.numRanks * 8);
+  l.flagSource = take(8);
+  l.ackWords = take((int64_t)l.numRanks * 8);
   l.parityBytes = align_up(offset, 256);
   l.state = 2 * l.parityBytes;
   l.totalBytes = align_up(l.state + (int64_t)sizeof(State), 256);
@@ -778,6 +827,36 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(D
   dispatch_recv(p, ld_volatile(&p.c.state->dispatchSeq[p.c.parity]));
 }
 
+// ---- acks between copy-engine dispatches (dispatch through the copy engines: below) ------------
+
+__device__ __forceinline__ const char* blob_of(const Common& c, int source) {
+  const char* region = c.local_region();
+  return source == c.rank ? region + c.layout.sendBlob : region + c.layout.inbox + (int64_t)source * c.layout.blobMaxBytes;
+}
+
+// The receivers of the previous call of this parity are done with this rank's inboxes (bounded).
+__device__ void await_acks(const Common& c, int seq, const int* s_alive) {
+  const auto* acks = reinterpret_cast<const int64_t*>(c.local_region() + c.layout.ackWords);
+  for (int q = threadIdx.x; q < c.layout.numRanks; q += blockDim.x) {
+    if (q == c.rank || !s_alive[q]) continue;
+    if (ld_relaxed_sys(acks + q) >= seq - 1) continue;
+    if (ld_volatile(&c.state->failed) != 0) continue;
+    const uint64_t start = globaltimer_ns();
+    while (ld_relaxed_sys(acks + q) < seq - 1)
+      if (globaltimer_ns() - start > c.timeoutNs) {
+        record_timeout(c.state, c.errorWord, q, kPhaseDispatch);
+        break;
+      }
+  }
+}
+
+// This rank read call `seq` of its inboxes: every live source may copy its next blob of the parity.
+__device__ __forceinline__ void send_acks(const Common& c, int seq, const int* s_alive) {
+  for (int q = threadIdx.x; q < c.layout.numRanks; q += blockDim.x)
+    if (q != c.rank && s_alive[q])
+      st_release_sys(reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + c.layout.ackWords) + c.rank, (int64_t)seq);
+}
+
 // ---- dispatch without hook over peer pointers: rows straight into the receivers' packed slots ----
 //
 // Phase 1 (no waits): every block counts this rank's tokens per expert (shared histogram) and the
@@ -1010,6 +1089,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   }
   load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
   __syncthreads();
+  // This call reads no inbox, and the previous one of the parity (in stream order) is done: a peer's
+  // next copy-engine blob of this parity may come (see await_acks).
+  if (blockIdx.x == 0) send_acks(c, seq, s_alive);
   publish_counts(p, seq, s_topk, s_alive, s_expertCount);
 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
@@ -1041,6 +1123,241 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_fused_kernel(
   const int seq = next_seq(&p.c.state->dispatchSeq[p.c.parity]);
   dispatch_send(p, seq, s_dynamic);
   dispatch_recv(p, seq);
+}
+
+// ---- dispatch through the copy engines (peer pointers; hook, and optionally without) -----------
+//
+// Send kernel (no waits on this call's peers): builds this rank's blob (BlobShape) once in its own
+// buffer: the per-expert counts, each (t, k)'s expert and position among this rank's tokens of that
+// expert, and the rows (quantized once). After it, the host queues per peer two copies on side
+// streams (copy engines, no SM): the blob into the peer's inbox for this rank, then the flag word
+// (call number, T, K) into the peer's inbox flag; stream order puts the flag after the blob.
+// Receive kernel (hook(), or right after the copies without hook): waits for every live source's
+// inbox flag, takes slot begins as the prefix of counts over source ranks, places each row at every
+// local expert it goes to, writes the handle and this rank's sentSlot (the slot each of its own rows
+// took at its owner: a pull combine reads there), then acks the call to every source.
+// A source's next blob of this parity is copied only after every receiver acked this one: the send
+// kernel waits for the acks (normally long there: they come from the receivers' previous hook).
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_send_kernel(DispatchParams p) {
+  extern __shared__ int s_dynamic[];
+  __shared__ int s_alive[kMaxRanks];
+  __shared__ int s_pos[kMaxTopk];
+  __shared__ char* s_dest[kMaxTopk];
+  __shared__ char* s_scales[kMaxTopk];
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int R = l.numRanks, K = p.numTopk, T = p.numTokens, E = c.numExperts;
+  int* s_topk = s_dynamic;                 // [T * K]
+  int* s_expertCount = s_dynamic + T * K;  // [E], block 0
+  const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
+  char* blob = c.local_region() + l.sendBlob;
+  const BlobShape b = blob_shape(E, l.hidden, T, K, p.useFp8, p.useUe8m0);
+  int* experts = reinterpret_cast<int*>(blob + b.experts);
+  int* positions = reinterpret_cast<int*>(blob + b.positions);
+
+  const bool selfAlive = c.state->alive[c.rank] != 0;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) s_alive[r] = selfAlive && c.state->alive[r] != 0;
+  if (threadIdx.x < kMaxTopk) {
+    s_dest[threadIdx.x] = nullptr;
+    s_scales[threadIdx.x] = nullptr;
+  }
+  load_routing(p.topkIdx, T, K, E, s_topk);
+  __syncthreads();
+
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    char* row = blob + b.rows + (int64_t)t * b.rowBytes;
+    const RawChunk first = p.useFp8 ? load_chunk(reinterpret_cast<const int4*>(p.x + (int64_t)t * l.hidden),
+                                                 threadIdx.x, (int)threadIdx.x < l.hidden / 16)
+                                    : RawChunk{};
+    if (threadIdx.x < kMaxTopk) s_pos[threadIdx.x] = 0;
+    if (threadIdx.x == 0) {
+      s_dest[0] = row;
+      s_scales[0] = row + b.scalesOffsetInRow;
+    }
+    __syncthreads();
+    count_earlier_tokens(s_topk, t, K, s_pos);
+    __syncthreads();
+    if (threadIdx.x < K) {
+      experts[t * K + threadIdx.x] = s_topk[t * K + threadIdx.x];
+      positions[t * K + threadIdx.x] = s_pos[threadIdx.x];
+    }
+    if (p.useFp8) {
+      send_row_fp8_direct(p, t, s_dest, s_scales, first);
+    } else {
+      send_row_bf16(p, t, s_dest);
+    }
+    __syncthreads();  // s_pos is reset for the next token
+  }
+
+  if (blockIdx.x == 0) {
+    int* counts = reinterpret_cast<int*>(blob);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) s_expertCount[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < T * K; i += blockDim.x)
+      if (s_topk[i] >= 0) atomicAdd(&s_expertCount[s_topk[i]], 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = s_expertCount[e];
+    if (threadIdx.x == 0) *reinterpret_cast<int64_t*>(c.local_region() + l.flagSource) = inbox_flag(seq, T, K);
+    await_acks(c, seq, s_alive);
+  }
+  if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
+}
+
+// Moves one blob row (or its `part`-th slice of `parts`) with a warp to the `numDest` flat slots
+// `flat` (top-k positions `kOf`) it takes here: loads once, stores to each. Scales and handle
+// entries go with part 0.
+__device__ void place_blob_row(const DispatchParams& p, const char* row, const BlobShape& b, int part, int parts,
+                               const int64_t* flat, const int* kOf, int numDest, int s, int t, int lane) {
+  const Layout& l = p.c.layout;
+  char* region = p.c.local_region();
+  const int payloadInt4 = (int)(b.scalesOffsetInRow / 16);
+  const int sliceInt4 = (payloadInt4 + parts - 1) / parts;
+  const int begin = part * sliceInt4, end = min(payloadInt4, begin + sliceInt4);
+  const int4* src = reinterpret_cast<const int4*>(row);
+  int4* recvX = reinterpret_cast<int4*>(region + l.recvX);
+  for (int v0 = begin + lane; v0 < end; v0 += 32 * 4) {
+    int4 values[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (v0 + 32 * u < end) values[u] = __ldcg(src + v0 + 32 * u);
+    for (int d = 0; d < numDest; ++d) {
+      int4* dst = recvX + flat[d] * payloadInt4;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (v0 + 32 * u < end) st_na_int4(dst + v0 + 32 * u, values[u]);
+    }
+  }
+  if (part != 0) return;
+  if (p.useFp8) {
+    const int numGroups = l.hidden / kGroupSize;
+    const int words = p.useUe8m0 ? numGroups / kUe8m0GroupsPerWord : numGroups;
+    const int* scales = reinterpret_cast<const int*>(row + b.scalesOffsetInRow);
+    for (int w = lane; w < words; w += 32) {
+      const int value = __ldcg(scales + w);
+      for (int d = 0; d < numDest; ++d) reinterpret_cast<int*>(region + l.recvScales)[flat[d] * words + w] = value;
+    }
+  }
+  if (lane < numDest) {
+    reinterpret_cast<int*>(region + l.srcTokenIdx)[flat[lane]] = t;
+    reinterpret_cast<int*>(region + l.slotRoute)[flat[lane]] = (s << 16) | kOf[lane];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_recv_kernel(DispatchParams p) {
+  extern __shared__ int s_begin[];  // [El * R]: slot begin of (local expert, source rank)
+  __shared__ int s_alive[kMaxRanks];
+  __shared__ int s_tokens[kMaxCopyRanks];
+  __shared__ int s_topkOf[kMaxCopyRanks];
+  __shared__ int s_tokenBegin[kMaxCopyRanks + 1];
+  __shared__ int64_t s_flat[kWarps][kMaxTopk];
+  __shared__ int s_k[kWarps][kMaxTopk];
+  __shared__ int s_last;
+  const Common& c = p.c;
+  const Layout& l = c.layout;
+  const int R = l.numRanks, El = l.numLocalExperts, me = c.rank;
+  const int seq = ld_volatile(&c.state->dispatchSeq[c.parity]);
+  char* region = c.local_region();
+  const bool selfAlive = c.state->alive[me] != 0;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) s_alive[r] = selfAlive && c.state->alive[r] != 0;
+  __syncthreads();
+
+  // Every live source's flag: its blob is in this rank's inbox (own blob: in place).
+  const auto* flags = reinterpret_cast<const int64_t*>(region + l.inboxFlags);
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    int tokens = 0, topk = 0;
+    if (s == me && selfAlive) {
+      tokens = p.numTokens;
+      topk = p.numTopk;
+    } else if (s_alive[s]) {
+      // A valid flag's low word is never 0 (K >= 1); a timeout returns 0 (tokens and topk 0).
+      const uint64_t start = globaltimer_ns();
+      const int low = wait_count_word(c, flags + s, s, seq, kPhaseDispatch);
+      tokens = (low >> 8) & 0xffffff;
+      topk = low & 0xff;
+      if (blockIdx.x == 0 && p.waitStats != nullptr) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
+    }
+    s_tokens[s] = tokens;
+    s_topkOf[s] = topk;
+  }
+  fence_sys();  // acquire: the blobs before this rank's reads of them
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int running = 0;
+    for (int s = 0; s < R; ++s) {
+      s_tokenBegin[s] = running;
+      running += s_tokens[s];
+    }
+    s_tokenBegin[R] = running;
+  }
+  // Slot begins: prefix over source ranks of their counts for each local expert.
+  for (int e = threadIdx.x; e < El; e += blockDim.x) {
+    int running = 0;
+    for (int s = 0; s < R; ++s) {
+      const int count = s_topkOf[s] > 0 ? __ldcg(reinterpret_cast<const int*>(blob_of(c, s)) + me * El + e) : 0;
+      s_begin[e * R + s] = running;
+      running += count;
+      if (blockIdx.x == 0) {
+        int* range = reinterpret_cast<int*>(region + l.layoutRange) + ((int64_t)e * R + s) * 2;
+        range[0] = s_begin[e * R + s];
+        range[1] = count;
+      }
+    }
+    if (blockIdx.x == 0) {
+      reinterpret_cast<int*>(region + l.recvCount)[e] = running;
+      if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + e, running);
+    }
+  }
+  __syncthreads();
+
+  // One warp per (source token, slice); a token's row goes to each of its experts here.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int numWarps = gridDim.x * kWarps, globalWarp = blockIdx.x * kWarps + warp;
+  const int totalTokens = s_tokenBegin[R];
+  const int parts = max(1, min(kCombinePartsPerRow, numWarps / max(1, totalTokens)));
+  const int payloadBytes = p.useFp8 ? l.hidden : 2 * l.hidden;
+  for (int work = globalWarp; work < totalTokens * parts; work += numWarps) {
+    const int item = work / parts, part = work % parts;
+    int s = 0;
+    while (item >= s_tokenBegin[s + 1]) ++s;
+    const int t = item - s_tokenBegin[s], K = s_topkOf[s];
+    const char* blob = blob_of(c, s);
+    const BlobShape b = blob_shape(c.numExperts, l.hidden, s_tokens[s], K, p.useFp8, p.useUe8m0);
+    const int* experts = reinterpret_cast<const int*>(blob + b.experts) + (int64_t)t * K;
+    const int* positions = reinterpret_cast<const int*>(blob + b.positions) + (int64_t)t * K;
+    const int e = lane < K ? __ldcg(experts + lane) : -1;
+    const int position = lane < K ? __ldcg(positions + lane) : 0;
+    const bool local = e >= 0 && e / El == me;
+    int64_t myFlat = 0;
+    if (local) myFlat = (int64_t)(e % El) * l.slotsPerExpert + s_begin[(e % El) * R + s] + position;
+    // Own tokens: the slot each row takes at its owner, for a pull combine.
+    if (s == me && part == 0 && lane < K) {
+      int slot = -1;
+      if (e >= 0 && s_alive[e / El]) {
+        slot = position;
+        for (int q = 0; q < me; ++q)
+          if (s_topkOf[q] > 0) slot += __ldcg(reinterpret_cast<const int*>(blob_of(c, q)) + e);
+        slot += (e % El) * (int)l.slotsPerExpert;
+      }
+      reinterpret_cast<int*>(region + l.sentSlot)[(int64_t)t * l.maxTopk + lane] = slot;
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, local);
+    if (mask == 0) continue;  // warp-uniform
+    // This warp's destinations in shared memory (a run-time indexed register array would spill).
+    if (local) {
+      const int d = __popc(mask & ((1u << lane) - 1u));
+      s_flat[warp][d] = myFlat;
+      s_k[warp][d] = lane;
+    }
+    __syncwarp();
+    place_blob_row(p, blob + b.rows + (int64_t)t * b.rowBytes, b, part, parts, s_flat[warp], s_k[warp], __popc(mask),
+                   s, t, lane);
+    __syncwarp();  // s_flat/s_k are rewritten by the warp's next item
+  }
+
+  // Every block has read its rows: the last one acks the call to every live source.
+  if (!last_block_to_finish(&c.state->dispatchRecvDone[c.parity], &s_last)) return;
+  send_acks(c, seq, s_alive);
 }
 
 // ---- combine -------------------------------------------------------------------------------------
@@ -1334,9 +1651,22 @@ struct Context {
   int* errorHost;
   int* errorDevice;
   bool unusable;
-  bool directDispatch[2];  // the last dispatch of each parity wrote rows straight into their slots
+  // The last dispatch of each parity recorded in sentSlot where each of this rank's rows went
+  // (direct or copy-engine dispatch): a pull combine may read there.
+  bool sentSlotValid[2];
   int dispatchSendSmem;
   int waitingBlockBudget;  // blocks of kThreads one rank may keep spinning
+  // Copy-engine dispatch: possible for this context; also used without hook (else direct).
+  bool copyEngines;
+  bool copyEnginesWithoutHook;
+  int numCopyStreams;
+  cudaStream_t copyStreams[kMaxCopyStreams];
+  cudaEvent_t sendDone[2];
+  cudaEvent_t copiesDone[2][kMaxCopyStreams];
+  int copiesInFlight[2];  // side streams holding copies of the parity's send that hook() must join
+  bool hookPending[2];    // a hook-mode send of the parity awaits its receive step
+  std::vector<int> hostAlive;     // the rank mask as last set (which peers get copies)
+  std::vector<char*> peersHost;  // every rank's buffer base as this process sees it
 };
 
 int64_t dispatch_send_smem(const bunEpLowLatencyConfig_t& c) {
@@ -1449,8 +1779,98 @@ bunEpResult_t clear_flags(Context* ctx, cudaStream_t stream) {
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.dispatchCounts, 0, (size_t)l.numLocalExperts * l.numRanks * 4, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.countWords, 0, (size_t)l.numLocalExperts * l.numRanks * 8, stream));
     BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.recvCount, 0, (size_t)l.numLocalExperts * 4, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.inboxFlags, 0, (size_t)l.numRanks * 8, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.flagSource, 0, 8, stream));
+    BUN_EP_CUDA_CHECK(cudaMemsetAsync(region + l.ackWords, 0, (size_t)l.numRanks * 8, stream));
   }
   BUN_EP_CUDA_CHECK(cudaMemsetAsync(ctx->local + l.state, 0, offsetof(State, alive), stream));
+  return bunEpSuccess;
+}
+
+// Copy-engine dispatch: side streams and events of a context (create), and their release.
+bunEpResult_t create_copy_engines(Context* ctx) {
+  const char* mode = std::getenv("BUN_EP_LL_COPY_ENGINES");
+  const Layout& l = ctx->layout;
+  ctx->copyEngines = l.inbox != 0 && ctx->config.transport == BUN_EP_LL_TRANSPORT_PEER_POINTERS &&
+                     ctx->config.numRanks <= kMaxCopyRanks && ctx->config.numExperts * 4 <= 48 * 1024 &&
+                     !(mode != nullptr && std::strcmp(mode, "0") == 0);
+  ctx->copyEnginesWithoutHook = ctx->copyEngines && mode != nullptr && std::strcmp(mode, "all") == 0;
+  if (!ctx->copyEngines) return bunEpSuccess;
+  ctx->numCopyStreams = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxCopyStreams, ctx->config.numRanks - 1));
+  for (int i = 0; i < ctx->numCopyStreams; ++i)
+    BUN_EP_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->copyStreams[i], cudaStreamNonBlocking));
+  for (int parity = 0; parity < 2; ++parity) {
+    BUN_EP_CUDA_CHECK(cudaEventCreateWithFlags(&ctx->sendDone[parity], cudaEventDisableTiming));
+    for (int i = 0; i < ctx->numCopyStreams; ++i)
+      BUN_EP_CUDA_CHECK(cudaEventCreateWithFlags(&ctx->copiesDone[parity][i], cudaEventDisableTiming));
+  }
+  return bunEpSuccess;
+}
+
+void destroy_copy_engines(Context* ctx) {
+  for (int i = 0; i < ctx->numCopyStreams; ++i) {
+    if (ctx->copyStreams[i] != nullptr) cudaStreamDestroy(ctx->copyStreams[i]);
+    for (int parity = 0; parity < 2; ++parity)
+      if (ctx->copiesDone[parity][i] != nullptr) cudaEventDestroy(ctx->copiesDone[parity][i]);
+  }
+  for (int parity = 0; parity < 2; ++parity)
+    if (ctx->sendDone[parity] != nullptr) cudaEventDestroy(ctx->sendDone[parity]);
+}
+
+// After the send kernel on `stream`: per live peer, the blob into its inbox for this rank, then the
+// flag word, on side streams (a peer per stream in turn; each sender starts at the next rank up, so
+// the copies into one receiver do not all come first from everyone).
+bunEpResult_t queue_blob_copies(Context* ctx, const DispatchParams& p, cudaStream_t stream) {
+  const Layout& l = ctx->layout;
+  const int parity = p.c.parity, R = l.numRanks, me = p.c.rank;
+  const BlobShape b = blob_shape(p.c.numExperts, l.hidden, p.numTokens, p.numTopk, p.useFp8, p.useUe8m0);
+  const int64_t parityOffset = (int64_t)parity * l.parityBytes;
+  const char* region = ctx->local + parityOffset;
+  ctx->copiesInFlight[parity] = 0;
+  if (!ctx->hostAlive[me] || R == 1) return bunEpSuccess;
+  BUN_EP_CUDA_CHECK(cudaEventRecord(ctx->sendDone[parity], stream));
+  int queued = 0;
+  for (int step = 1; step < R; ++step) {
+    const int q = (me + step) % R;
+    if (!ctx->hostAlive[q]) continue;
+    cudaStream_t side = ctx->copyStreams[queued % ctx->numCopyStreams];
+    if (queued < ctx->numCopyStreams) BUN_EP_CUDA_CHECK(cudaStreamWaitEvent(side, ctx->sendDone[parity], 0));
+    char* peerRegion = ctx->peersHost[q] + parityOffset;
+    BUN_EP_CUDA_CHECK(cudaMemcpyAsync(peerRegion + l.inbox + (int64_t)me * l.blobMaxBytes, region + l.sendBlob,
+                                      (size_t)b.totalBytes, cudaMemcpyDeviceToDevice, side));
+    BUN_EP_CUDA_CHECK(cudaMemcpyAsync(peerRegion + l.inboxFlags + (int64_t)me * 8, region + l.flagSource, 8,
+                                      cudaMemcpyDeviceToDevice, side));
+    ++queued;
+  }
+  const int used = std::min(queued, ctx->numCopyStreams);
+  for (int i = 0; i < used; ++i) BUN_EP_CUDA_CHECK(cudaEventRecord(ctx->copiesDone[parity][i], ctx->copyStreams[i]));
+  ctx->copiesInFlight[parity] = used;
+  return bunEpSuccess;
+}
+
+// Dispatch through the copy engines: the send kernel and the copies (phase SEND), the join of the
+// copies and the receive kernel (phase RECV; a hook's later call, or at once without hook).
+bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, int64_t phases, cudaStream_t stream) {
+  const int parity = p.c.parity;
+  const Layout& l = ctx->layout;
+  if (phases & BUN_EP_LL_PHASE_SEND) {
+    const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + p.c.numExperts) * sizeof(int);
+    const int grid = std::max(1, std::min(p.numTokens, ctx->waitingBlockBudget * 2));
+    dispatch_blob_send_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
+    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(queue_blob_copies(ctx, p, stream));
+    ctx->sentSlotValid[parity] = true;
+  }
+  if (!(phases & BUN_EP_LL_PHASE_RECV)) return bunEpSuccess;
+  for (int i = 0; i < ctx->copiesInFlight[parity]; ++i)
+    BUN_EP_CUDA_CHECK(cudaStreamWaitEvent(stream, ctx->copiesDone[parity][i], 0));
+  ctx->copiesInFlight[parity] = 0;
+  // Every block waits for the flags: within the waiting-block budget; enough warps for every row
+  // that can come (R * M) as kCombinePartsPerRow slices.
+  const int64_t warpsWanted = (int64_t)l.numRanks * l.maxTokens * kCombinePartsPerRow;
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ctx->waitingBlockBudget, (warpsWanted + kWarps - 1) / kWarps));
+  dispatch_blob_recv_kernel<<<grid, kThreads, (size_t)p.c.numExperts * sizeof(int), stream>>>(p);
+  BUN_EP_LAUNCH_CHECK();
   return bunEpSuccess;
 }
 
@@ -1485,9 +1905,13 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   Context* ctx = new Context{};
   ctx->config = *config;
   ctx->config.peerBuffers = nullptr;
+  ctx->peersHost.resize(config->numRanks);
+  for (int64_t r = 0; r < config->numRanks; ++r) ctx->peersHost[r] = reinterpret_cast<char*>(config->peerBuffers[r]);
+  ctx->hostAlive.assign(config->numRanks, 1);
   ctx->layout = make_layout(*config);
   ctx->local = static_cast<char*>(config->localBuffer);
   auto fail = [ctx](bunEpResult_t status) {
+    destroy_copy_engines(ctx);
     if (ctx->peersDevice != nullptr) cudaFree(ctx->peersDevice);
     if (ctx->errorHost != nullptr) cudaFreeHost(ctx->errorHost);
     delete ctx;
@@ -1522,6 +1946,7 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
                                          200 * 1024),
                     "cudaFuncSetAttribute(dispatch_direct_kernel)");
   }
+  if (status == bunEpSuccess) status = create_copy_engines(ctx);
   if (status == bunEpSuccess) status = clear_flags(ctx, 0);
   if (status == bunEpSuccess) {
     std::vector<int> alive(kMaxRanks, 0);
@@ -1544,6 +1969,7 @@ bunEpResult_t bun_ep_ll_destroy(void* context) {
   Context* ctx = context_of(context);
   if (ctx == nullptr) return bunEpSuccess;
   cudaSetDevice(ctx->device);
+  destroy_copy_engines(ctx);
   cudaError_t err = cudaFree(ctx->peersDevice);
   cudaError_t errHost = cudaFreeHost(ctx->errorHost);
   delete ctx;
@@ -1597,6 +2023,22 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
   p.recvSplitsPerExpert = std::max(1, ctx->waitingBlockBudget / El);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
 
+  // A hook-mode send leaves its parity's receive step pending: the parity's next send would
+  // overwrite what that step still reads.
+  const int parity = (int)args->parity;
+  if (args->phases & BUN_EP_LL_PHASE_SEND)
+    BUN_EP_REQUIRE(!ctx->hookPending[parity],
+                   "parity %d: the previous hook-mode low-latency dispatch of this buffer parity has not run its "
+                   "receive step; call its hook() before the next dispatch of the same parity",
+                   parity);
+  else
+    BUN_EP_REQUIRE(ctx->hookPending[parity],
+                   "parity %d: no hook-mode low-latency dispatch of this buffer parity awaits its receive step",
+                   parity);
+  ctx->hookPending[parity] = args->phases == BUN_EP_LL_PHASE_SEND;
+  const bool hookPhase = args->phases != (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV);
+  if (!p.c.staged && ctx->copyEngines && (hookPhase || ctx->copyEnginesWithoutHook))
+    return dispatch_by_copy_engines(ctx, p, args->phases, stream);
   const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + cfg.numExperts) * sizeof(int);
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV) && !p.c.staged) {
     // Peer pointers, no hook: rows go straight into the receivers' packed slots. One block per
@@ -1604,10 +2046,10 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
     const int grid = std::min(std::max(1, p.numTokens), ctx->waitingBlockBudget);
     dispatch_direct_kernel<<<std::max(1, grid), kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
-    ctx->directDispatch[args->parity] = true;
+    ctx->sentSlotValid[args->parity] = true;
     return bunEpSuccess;
   }
-  ctx->directDispatch[args->parity] = false;
+  ctx->sentSlotValid[args->parity] = false;
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
     // One kernel: no second launch, no kernel boundary between the phases.
     const int grid = std::min(std::max(p.numTokens, El * p.recvSplitsPerExpert), ctx->waitingBlockBudget);
@@ -1654,10 +2096,9 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
                                : reinterpret_cast<__nv_bfloat16*>(ctx->local + args->parity * l.parityBytes + l.combinedX);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
   // Pull (one pass: homes read the rows where the experts wrote them) when the outputs are this
-  // rank's combine buffer (zero-copy), the parity's dispatch was direct (homes know each row's slot)
-  // and there is no hook (a hook's send must move the bytes itself).
-  p.pull = !p.c.staged && args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV) &&
-           ctx->directDispatch[args->parity] &&
+  // rank's combine buffer (zero-copy) and the parity's dispatch recorded each row's slot (direct or
+  // copy-engine dispatch). With a hook the send only publishes the markers; hook() reads and sums.
+  p.pull = !p.c.staged && ctx->sentSlotValid[args->parity] &&
            static_cast<const char*>(args->x) == ctx->local + args->parity * l.parityBytes + l.combineBuffer;
   // The send phase spreads rows over every warp of its grid; the prefix of counts is (El + 1) ints.
   // Grid by the work: at most R * M * min(maxTopk, El) rows arrive here (a warp each) and the
@@ -1672,7 +2113,8 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
     return bunEpSuccess;
   }
   if (args->phases & BUN_EP_LL_PHASE_SEND) {
-    combine_send_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
+    // A pull send only publishes its markers (block 0).
+    combine_send_kernel<<<p.pull ? 1 : grid, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
   }
   if ((args->phases & BUN_EP_LL_PHASE_RECV) && p.numTokens > 0) {
@@ -1689,6 +2131,7 @@ bunEpResult_t bun_ep_ll_set_rank_mask(void* context, const int32_t* alive) {
                  (long long)ctx->config.numRanks);
   std::vector<int> values(ctx->config.numRanks);
   for (int64_t r = 0; r < ctx->config.numRanks; ++r) values[r] = alive[r] != 0 ? 1 : 0;
+  ctx->hostAlive = values;
   BUN_EP_CUDA_CHECK(cudaMemcpy(ctx->local + ctx->layout.state + offsetof(State, alive), values.data(),
                                values.size() * sizeof(int), cudaMemcpyHostToDevice));
   return bunEpSuccess;
@@ -1698,6 +2141,10 @@ bunEpResult_t bun_ep_ll_clean(void* context, void* stream) {
   Context* ctx = context_of(context);
   BUN_EP_REQUIRE(ctx != nullptr, "context: expected a context from bun_ep_ll_create, got NULL");
   BUN_EP_CUDA_CHECK(cudaSetDevice(ctx->device));
+  for (int parity = 0; parity < 2; ++parity) {
+    ctx->hookPending[parity] = false;
+    ctx->copiesInFlight[parity] = 0;
+  }
   return clear_flags(ctx, static_cast<cudaStream_t>(stream));
 }
 

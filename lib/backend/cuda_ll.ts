@@ -242,7 +242,6 @@ export class LowLatencyEngine {
     const numTopk = args.topkIdx.shape[1] ?? 0;
     this.#checkCall("lowLatencyDispatch", args.maxTokensPerRank, args.numExperts, args.x.shape[1] ?? 0, numTopk);
     const parity = this.#nextParity;
-    this.#nextParity = parity === 0 ? 1 : 0;
     const stream = args.stream ?? this.commStream;
     const a = this.#dispatchArgs;
     const fill = (phases: number): void => {
@@ -261,6 +260,8 @@ export class LowLatencyEngine {
       check(native().bun_ep_ll_dispatch(this.#context, a), `lowLatencyDispatch on rank ${this.rank}`);
     };
     fill(args.hook ? LL_PHASE.send : LL_PHASE.send | LL_PHASE.recv);
+    // Only a launched call takes the parity (a refused one leaves the alternation as it was).
+    this.#nextParity = parity === 0 ? 1 : 0;
 
     const views = this.#views[parity];
     const handle: LowLatencyHandle = {

@@ -128,6 +128,31 @@ describeGpu(`low-latency dispatch/combine (${NUM_GPUS === 1 ? "one GPU" : `${NUM
     });
   }, 60_000);
 
+  test("hook: a dispatch of a parity whose hook() has not run is refused, naming the parity and hook()", async () => {
+    const shape: LlShape = { numRanks: 2, maxTokensPerRank: 8, hidden: 256, numExperts: 4, topk: 2 };
+    await withEngines(shape, (states) => {
+      const inputs = makeInputs(seedBase + 55, shape, "full");
+      const dev = states.map((st, r) => ({ x: toDevice(inputs[r]!.x, st.stream), topkIdx: toDevice(inputs[r]!.topkIdx, st.stream) }));
+      const dispatch = (r: number) =>
+        states[r]!.engine.dispatchSync({
+          x: dev[r]!.x, topkIdx: dev[r]!.topkIdx, maxTokensPerRank: 8, numExperts: 4, useFp8: false, roundScale: false,
+          useUe8m0: false, cumulativeRecvStats: null, waitStats: null, hook: true, asyncFinish: false, stream: null,
+        });
+      const first = [0, 1].map(dispatch); // parity 0
+      const second = [0, 1].map(dispatch); // parity 1
+      expect(() => dispatch(0)).toThrow(/parity 0.*hook\(\)/);
+      for (const r of [...first, ...second]) r.hook();
+      const third = [0, 1].map(dispatch); // parity 0 again, now accepted
+      for (const r of third) r.hook();
+      for (const st of states) st.stream.synchronize();
+      for (const st of states) st.engine.checkError();
+      for (const d of dev) {
+        d.x.free();
+        d.topkIdx.free();
+      }
+    });
+  }, 60_000);
+
   test("hook: a full-GPU copy launched between send and hook() takes the time it takes alone", async () => {
     const shape: LlShape = { numRanks: 2, maxTokensPerRank: 128, hidden: 7168, numExperts: 16, topk: 8 };
     await withEngines(shape, (states) => {
