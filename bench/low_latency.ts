@@ -1,8 +1,11 @@
 // Low-latency dispatch/combine on one GPU shared by R ranks (LocalGroup, one process):
 // DeepEP's decode config (128 tokens per rank, hidden 7168, top-8, 256 experts, fp8 dispatch, bf16
 // combine). Per call (all R ranks together): median latency with CUDA events, and inside one
-// captured graph (all ranks forked into it); bytes moved (valid (token, expert) rows) and the time
-// of a plain device copy of those bytes measured in the same run: ratioToCopy = copy / ours.
+// captured graph (all ranks forked into it), and per call of --calls-per-graph calls in one graph;
+// bytes moved (valid (token, expert) rows) and the time of a plain device copy of those bytes
+// measured in the same run and launched the same way (every rank copies its share with its own
+// kernel, forked like our calls): ratioToCopy = copy / ours. singleCopyUs / ratioToSingleCopy: one
+// copy kernel of all the bytes, plain launch with events (the ceiling of earlier sessions).
 // Also the latency floor (8 tokens, 1 expert each, in a graph) and the overlap win of two
 // micro-batches with hooks against the same without; the compute between the calls is a spin kernel
 // of --compute-us per micro-batch phase on each rank's stream (GPU time, no memory traffic).
@@ -114,6 +117,35 @@ function copyMs(bytes: number, stream: Stream): number {
   return median(samples);
 }
 
+/** The same bytes moved by a plain copy kernel per rank (each rank copies its 1/R share on its own
+ * stream, within its own device), timed the three ways ours is: forked plain launches with events,
+ * one forked graph per call, and CALLS_PER_GRAPH calls in one graph (per call). Ms each. */
+function copyForked(states: RankState[], totalBytes: number): { events: number; graph: number; graphPerCall: number } {
+  const share = Math.max(16, Math.ceil(totalBytes / states.length / 16) * 16);
+  const blocks = 4 * deviceProps(states[0]!.stream.device).multiProcessorCount;
+  const buffers = states.map((st) => ({
+    src: DeviceTensor.zeros("u8", [share], { device: st.stream.device, stream: st.stream }),
+    dst: DeviceTensor.zeros("u8", [share], { device: st.stream.device, stream: st.stream }),
+  }));
+  const copyAll = () =>
+    states.forEach((st, r) => check(lib.bun_ep_debug_copy_bytes(buffers[r]!.dst.ptr, buffers[r]!.src.ptr, share, blocks, st.stream.handle), "copy"));
+  const events = median(timeForked(states, copyAll, ITERATIONS));
+  const one = captureForked(states, copyAll);
+  const graph = median(timeGraph(states, one, ITERATIONS));
+  one.close();
+  const many = captureForked(states, () => {
+    for (let i = 0; i < CALLS_PER_GRAPH; i++) copyAll();
+  });
+  const graphPerCall = median(timeGraph(states, many, ITERATIONS)) / CALLS_PER_GRAPH;
+  many.close();
+  for (const st of states) st.stream.synchronize();
+  for (const b of buffers) {
+    b.src.free();
+    b.dst.free();
+  }
+  return { events, graph, graphPerCall };
+}
+
 /** Distinct (token, expert) pairs over all ranks: the rows dispatch moves and combine returns. */
 function countPairs(shape: LlShape, seed: number, kind: "full" | "masked"): number {
   let pairs = 0;
@@ -167,30 +199,37 @@ async function benchShape(
   const H = shape.hidden;
   const dispatchBytes = pairs * (H + (H / 128) * 4);
   const combineBytes = pairs * H * 2;
+  // Ceilings: one copy kernel of all the bytes on rank 0's stream (plain launch, events), and the
+  // same bytes copied by every rank's own kernel, launched exactly as each row of ours is (copyUs).
   const copyStream = states[0]!.stream;
-  const dispatchCopy = copyMs(dispatchBytes, copyStream);
-  const combineCopy = copyMs(combineBytes, copyStream);
+  const ceilings = { dispatch: copyForked(states, dispatchBytes), combine: copyForked(states, combineBytes) };
+  const single = { dispatch: copyMs(dispatchBytes, copyStream), combine: copyMs(combineBytes, copyStream) };
 
-  const row = (op: string, mode: string, ms: number, bytes: number, copy: number): void => {
+  const row = (op: string, mode: string, ms: number, bytes: number): void => {
+    const which = op === "dispatch" ? "dispatch" : op === "combine" ? "combine" : null;
+    const ceiling = which === null ? null : ceilings[which];
+    const copy = ceiling === null ? 0 : mode === "events" ? ceiling.events : mode === "graph" ? ceiling.graph : ceiling.graphPerCall;
     rows.push({
       case: label, ranks: shape.numRanks, op, mode, tokensPerRank: shape.maxTokensPerRank, hidden: H, topk: shape.topk,
       experts: shape.numExperts, latencyUs: ms * 1000, bytes: bytes || null, copyUs: bytes ? copy * 1000 : null,
       ratioToCopy: bytes ? copy / ms : null, GBps: bytes ? bytes / (ms * 1e6) : null,
+      singleCopyUs: which === null || !bytes ? null : single[which] * 1000,
+      ratioToSingleCopy: which === null || !bytes ? null : single[which] / ms,
     });
   };
   if (opts.events) {
-    row("dispatch", "events", median(timeForked(states, () => dispatchAll(), ITERATIONS)), dispatchBytes, dispatchCopy);
+    row("dispatch", "events", median(timeForked(states, () => dispatchAll(), ITERATIONS)), dispatchBytes);
     dispatchAll();
     for (const st of states) st.stream.synchronize();
     const results = last;
-    row("combine", "events", median(timeForked(states, () => combineAll(results), ITERATIONS)), combineBytes, combineCopy);
+    row("combine", "events", median(timeForked(states, () => combineAll(results), ITERATIONS)), combineBytes);
   }
   // Graphs: dispatch alone, then combine alone (of the dispatch captured just before).
   const dispatchGraph = captureForked(states, () => dispatchAll(false));
   const captured = last;
-  row("dispatch", "graph", median(timeGraph(states, dispatchGraph, ITERATIONS)), dispatchBytes, dispatchCopy);
+  row("dispatch", "graph", median(timeGraph(states, dispatchGraph, ITERATIONS)), dispatchBytes);
   const combineGraph = captureForked(states, () => combineAll(captured));
-  row("combine", "graph", median(timeGraph(states, combineGraph, ITERATIONS)), combineBytes, combineCopy);
+  row("combine", "graph", median(timeGraph(states, combineGraph, ITERATIONS)), combineBytes);
   dispatchGraph.close();
   combineGraph.close();
 
@@ -202,13 +241,13 @@ async function benchShape(
     const empty = captureForked(states, () =>
       states.forEach((st) => check(lib.bun_ep_debug_spin(0n, st.stream.handle), "empty kernel")),
     );
-    row("empty kernel per rank (graph overhead)", "graph", median(timeGraph(states, empty, ITERATIONS)), 0, 0);
+    row("empty kernel per rank (graph overhead)", "graph", median(timeGraph(states, empty, ITERATIONS)), 0);
     empty.close();
     const emptyMany = captureForked(states, () => {
       for (let i = 0; i < CALLS_PER_GRAPH; i++)
         states.forEach((st) => check(lib.bun_ep_debug_spin(0n, st.stream.handle), "empty kernel"));
     });
-    row(`empty kernel per rank`, `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, emptyMany, ITERATIONS)) / CALLS_PER_GRAPH, 0, 0);
+    row(`empty kernel per rank`, `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, emptyMany, ITERATIONS)) / CALLS_PER_GRAPH, 0);
     emptyMany.close();
     // The last two dispatches (one per buffer parity) feed the combines, which alternate between
     // them as two micro-batches do (back-to-back combines of ONE handle need a dispatch between).
@@ -216,13 +255,13 @@ async function benchShape(
     const manyDispatch = captureForked(states, () => {
       for (let i = 0; i < CALLS_PER_GRAPH; i++) lastTwo.push(dispatchAll(false));
     });
-    row("dispatch", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyDispatch, ITERATIONS)) / CALLS_PER_GRAPH, dispatchBytes, dispatchCopy);
+    row("dispatch", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyDispatch, ITERATIONS)) / CALLS_PER_GRAPH, dispatchBytes);
     manyDispatch.close();
     const pair = lastTwo.slice(-2);
     const manyCombine = captureForked(states, () => {
       for (let i = 0; i < CALLS_PER_GRAPH; i++) combineAll(pair[i % 2]!);
     });
-    row("combine", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyCombine, ITERATIONS)) / CALLS_PER_GRAPH, combineBytes, combineCopy);
+    row("combine", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyCombine, ITERATIONS)) / CALLS_PER_GRAPH, combineBytes);
     manyCombine.close();
   }
 
@@ -311,7 +350,7 @@ const FLOOR_ONLY = process.argv.includes("--floor-only");
 for (const numRanks of FLOOR_ONLY ? [] : RANKS) {
   const shape: LlShape = { numRanks, maxTokensPerRank: 128, hidden: 7168, numExperts: 256, topk: 8 };
   console.log(`EP${numRanks}: DeepEP decode config ...`);
-  await benchShape("deepep-decode", shape, rows, { events: true, overlap: numRanks === RANKS[0] });
+  await benchShape("deepep-decode", shape, rows, { events: true, overlap: numRanks === RANKS[0], breakdown: true });
 }
 for (const numRanks of RANKS) {
   const shape: LlShape = { numRanks, maxTokensPerRank: 8, hidden: 7168, numExperts: 256, topk: 1 };
@@ -320,5 +359,5 @@ for (const numRanks of RANKS) {
 }
 const path = writeResults(DISPATCH_PATH === "hook" ? "low_latency" : `low_latency_copy-engines-${DISPATCH_PATH}`, rows, {
   copyEngines: DISPATCH_PATH, iterations: ITERATIONS, warmup: WARMUP, goal: "ratioToCopy >= 0.6; floor < 10 us in a graph" });
-console.log(markdownTable(rows, ["case", "ranks", "op", "mode", "latencyUs", "bytes", "copyUs", "ratioToCopy", "GBps", "overlapWin"]));
+console.log(markdownTable(rows, ["case", "ranks", "op", "mode", "latencyUs", "bytes", "copyUs", "ratioToCopy", "singleCopyUs", "ratioToSingleCopy", "GBps", "overlapWin"]));
 console.log(`wrote ${path}`);
