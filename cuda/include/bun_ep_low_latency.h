@@ -10,6 +10,13 @@
  * preallocated outputs (recvX, scales, counts, handle arrays, combine buffer, combinedX).
  * Flags carry a per-parity call sequence number kept on the device, so nothing is cleared between
  * calls and every launch can be captured into a CUDA graph (no host sync, no allocation).
+ *
+ * Peer pointers, hook mode (send and receive as two calls): the dispatch's rows travel on the copy
+ * engines. The send call launches a kernel that packs this rank's rows once, then queues copies to
+ * every live peer on side streams forked from `stream` (created with the context); the receive
+ * call joins them into `stream` first. So a send and its receive belong in the same CUDA graph,
+ * and a send of a parity whose receive has not run is refused (bunEpInvalidArgument). Environment,
+ * read at bun_ep_ll_create: BUN_EP_LL_COPY_ENGINES=0 (never: peer stores), =all (also without hook).
  */
 #ifndef BUN_EP_LOW_LATENCY_H
 #define BUN_EP_LOW_LATENCY_H
