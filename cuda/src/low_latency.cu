@@ -344,14 +344,25 @@ __device__ __forceinline__ void warp_copy_int4(int4* dst, const int4* src, int n
 
 // The block's routing in shared memory: valid expert ids, -1 for none, out of range, or an expert
 // repeated earlier in the same row (a token goes to an expert once, at its first position).
+// A thread per token: its K ids are loaded together and compared in registers (a thread per entry
+// re-read the earlier ids of its row from global memory, one dependent load after another).
 __device__ void load_routing(const int64_t* topkIdx, int numTokens, int numTopk, int numExperts, int* s_topk) {
-  for (int i = threadIdx.x; i < numTokens * numTopk; i += blockDim.x) {
-    const int t = i / numTopk, k = i % numTopk;
-    const int64_t e = topkIdx[i];
-    int value = (e >= 0 && e < numExperts) ? (int)e : -1;
-    for (int j = 0; j < k && value >= 0; ++j)
-      if (topkIdx[(int64_t)t * numTopk + j] == e) value = -1;
-    s_topk[i] = value;
+  for (int t = threadIdx.x; t < numTokens; t += blockDim.x) {
+    int ids[kMaxTopk];  // valid ids; -1 for none or out of range (never equal to a valid id)
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) {
+      const int64_t e = k < numTopk ? topkIdx[(int64_t)t * numTopk + k] : -1;
+      ids[k] = (e >= 0 && e < numExperts) ? (int)e : -1;
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) {
+      if (k >= numTopk) break;
+      int value = ids[k];
+#pragma unroll
+      for (int j = 0; j < k; ++j)
+        if (ids[j] == value) value = -1;
+      s_topk[t * numTopk + k] = value;
+    }
   }
 }
 
