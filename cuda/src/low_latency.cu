@@ -166,6 +166,12 @@ __host__ __device__ constexpr int64_t inbox_flag(int seq, int numTokens, int num
   return ((int64_t)seq << 32) | ((int64_t)numTokens << 8) | numTopk;
 }
 
+// Whether the copy-engine dispatch can serve this config (its blob and inboxes are then allocated;
+// the receive kernel's slot begins [E] fit in 48 KB of shared memory).
+bool copy_engines_fit(const bunEpLowLatencyConfig_t& c) {
+  return c.transport == BUN_EP_LL_TRANSPORT_PEER_POINTERS && c.numRanks <= kMaxCopyRanks && c.numExperts * 4 <= 48 * 1024;
+}
+
 Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   Layout l{};
   l.numRanks = (int)c.numRanks;
@@ -208,7 +214,7 @@ Layout make_layout(const bunEpLowLatencyConfig_t& c) {
   l.sendMeta = take((int64_t)l.maxTokens * l.maxTopk * 16);
   // bf16 rows are the largest (2H bytes against H + H/32 for fp8).
   l.blobMaxBytes = align_up(blob_shape((int)c.numExperts, l.hidden, l.maxTokens, l.maxTopk, false, false).totalBytes, 256);
-  const bool copyEngines = c.transport == BUN_EP_LL_TRANSPORT_PEER_POINTERS && c.numRanks <= kMaxCopyRanks;
+  const bool copyEngines = copy_engines_fit(c);
   l.sendBlob = take(copyEngines ? l.blobMaxBytes : 0);
   l.inbox = take(copyEngines ? l.numRanks * l.blobMaxBytes : 0);
   l.inboxFlags = take((int64_t)l.numRanks * 8);
@@ -364,6 +370,16 @@ __device__ void load_routing(const int64_t* topkIdx, int numTokens, int numTopk,
       s_topk[t * numTopk + k] = value;
     }
   }
+}
+
+// s_expertCount[e] = this rank's tokens for expert e (s_topk from load_routing), by the whole block;
+// synced before and after.
+__device__ void count_tokens_per_expert(const int* s_topk, int numEntries, int numExperts, int* s_expertCount) {
+  for (int e = threadIdx.x; e < numExperts; e += blockDim.x) s_expertCount[e] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < numEntries; i += blockDim.x)
+    if (s_topk[i] >= 0) atomicAdd(&s_expertCount[s_topk[i]], 1);
+  __syncthreads();
 }
 
 // Grid completion: true in exactly one block (the last to arrive), after every block's writes
@@ -662,11 +678,7 @@ __device__ void dispatch_send(const DispatchParams& p, int seq, int* s_dynamic) 
   if (!last_block_to_finish(&c.state->dispatchDone[c.parity], &s_last)) return;
 
   // Every row of this call is visible: publish counts, then the flags that cover them.
-  for (int e = threadIdx.x; e < c.numExperts; e += blockDim.x) s_expertCount[e] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < T * K; i += blockDim.x)
-    if (s_topk[i] >= 0) atomicAdd(&s_expertCount[s_topk[i]], 1);
-  __syncthreads();
+  count_tokens_per_expert(s_topk, T * K, c.numExperts, s_expertCount);
   const int El = c.layout.numLocalExperts;
   for (int e = threadIdx.x; e < c.numExperts; e += blockDim.x) {
     const int owner = e / El;
@@ -918,11 +930,7 @@ __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_to
   const int E = c.numExperts, El = c.layout.numLocalExperts, R = c.layout.numRanks;
   const int firstExpert = blockIdx.x * blockDim.x, stride = gridDim.x * blockDim.x;
   if (firstExpert >= E) return;  // block-uniform: this block publishes nothing
-  for (int e = threadIdx.x; e < E; e += blockDim.x) s_expertCount[e] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < p.numTokens * p.numTopk; i += blockDim.x)
-    if (s_topk[i] >= 0) atomicAdd(&s_expertCount[s_topk[i]], 1);
-  __syncthreads();
+  count_tokens_per_expert(s_topk, p.numTokens * p.numTopk, E, s_expertCount);
   for (int e = firstExpert + threadIdx.x; e < E; e += stride) {
     const int owner = e / El;
     if (!s_alive[owner]) continue;
@@ -1203,11 +1211,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_send_ker
 
   if (blockIdx.x == 0) {
     int* counts = reinterpret_cast<int*>(blob);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) s_expertCount[e] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < T * K; i += blockDim.x)
-      if (s_topk[i] >= 0) atomicAdd(&s_expertCount[s_topk[i]], 1);
-    __syncthreads();
+    count_tokens_per_expert(s_topk, T * K, E, s_expertCount);
     for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = s_expertCount[e];
     if (threadIdx.x == 0) *reinterpret_cast<int64_t*>(c.local_region() + l.flagSource) = inbox_flag(seq, T, K);
     await_acks(c, seq, s_alive);
@@ -1326,7 +1330,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_recv_ker
   const int numWarps = gridDim.x * kWarps, globalWarp = blockIdx.x * kWarps + warp;
   const int totalTokens = s_tokenBegin[R];
   const int parts = max(1, min(kCombinePartsPerRow, numWarps / max(1, totalTokens)));
-  const int payloadBytes = p.useFp8 ? l.hidden : 2 * l.hidden;
   for (int work = globalWarp; work < totalTokens * parts; work += numWarps) {
     const int item = work / parts, part = work % parts;
     int s = 0;
@@ -1801,10 +1804,7 @@ bunEpResult_t clear_flags(Context* ctx, cudaStream_t stream) {
 // Copy-engine dispatch: side streams and events of a context (create), and their release.
 bunEpResult_t create_copy_engines(Context* ctx) {
   const char* mode = std::getenv("BUN_EP_LL_COPY_ENGINES");
-  const Layout& l = ctx->layout;
-  ctx->copyEngines = l.inbox != 0 && ctx->config.transport == BUN_EP_LL_TRANSPORT_PEER_POINTERS &&
-                     ctx->config.numRanks <= kMaxCopyRanks && ctx->config.numExperts * 4 <= 48 * 1024 &&
-                     !(mode != nullptr && std::strcmp(mode, "0") == 0);
+  ctx->copyEngines = copy_engines_fit(ctx->config) && !(mode != nullptr && std::strcmp(mode, "0") == 0);
   ctx->copyEnginesWithoutHook = ctx->copyEngines && mode != nullptr && std::strcmp(mode, "all") == 0;
   if (!ctx->copyEngines) return bunEpSuccess;
   ctx->numCopyStreams = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxCopyStreams, ctx->config.numRanks - 1));
