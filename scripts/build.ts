@@ -35,7 +35,8 @@ const USAGE = `usage: bun scripts/build.ts [--arch sm_90|sm_90a|sm_100a...] [--c
   --verbose    print every command
   --jobs N     parallel compilations (default: CPU count)
   --no-nvshmem build without NVSHMEM even where it is found
-environment: CUDA_HOME (CUDA toolkit), NVSHMEM_DIR (NVSHMEM with include/ and lib/), BUN_EP_ARCH`;
+environment: CUDA_HOME (CUDA toolkit), NVSHMEM_DIR (NVSHMEM with include/ and lib/), BUN_EP_ARCH,
+  BUN_EP_NVCC_FLAGS (extra nvcc flags for developer builds, e.g. -DBUN_EP_LL_TRACE)`;
 
 function parseOptions(argv: readonly string[]): Options {
   const options: Options = {
@@ -405,6 +406,8 @@ async function main(): Promise<void> {
     `-I${SOURCE_DIR}`,
     ...(nvshmem ? [`-I${join(nvshmem.dir, "include")}`] : []),
     `-DBUN_EP_WITH_NVSHMEM=${nvshmem ? 1 : 0}`,
+    // Developer builds only, e.g. BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE (docs/DEVELOPERS.md).
+    ...(process.env.BUN_EP_NVCC_FLAGS ?? "").split(/\s+/).filter((f) => f.length > 0),
   ];
   // One object folder per configuration (flags, compiler): switching between configurations (say
   // with and without NVSHMEM) reuses each one's objects instead of rebuilding.

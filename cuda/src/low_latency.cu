@@ -91,6 +91,22 @@ constexpr int kMaxTokenSplits = 4;
 constexpr int kMaxCopyRanks = 16;
 constexpr int kMaxCopyStreams = 4;
 
+// Developer phase trace, off in normal builds (build with BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE):
+// thread 0 of each block of the direct dispatch stamps the global timer at the end of each phase,
+// for the last kTraceCalls calls; bun_ep_ll_debug_trace copies the stamps out.
+#ifdef BUN_EP_LL_TRACE
+constexpr int kTraceCalls = 8, kTraceRanks = 8, kTraceBlocks = 256, kTracePoints = 10;
+__device__ unsigned long long g_trace[kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
+// call: the call number of its parity, times 2, plus the parity (calls of a rank in order).
+__device__ __forceinline__ void trace_stamp(int rank, int call, int point, uint64_t ns) {
+  if (threadIdx.x == 0 && blockIdx.x < kTraceBlocks && rank < kTraceRanks)
+    g_trace[call % kTraceCalls][rank][blockIdx.x][point] = ns;
+}
+#define LL_TRACE(c, seq, point) trace_stamp((c).rank, 2 * (seq) + (c).parity, point, globaltimer_ns())
+#else
+#define LL_TRACE(c, seq, point) ((void)0)
+#endif
+
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 // Byte offsets of everything in one rank's buffer. Identical on every rank (same config), so a
@@ -452,6 +468,21 @@ __device__ void warp_exclusive_scan(const int* in, int n, int* s_out) {
     running += value;
   }
   if (lane == 31) s_out[n] = inclusive;
+}
+
+// The sum of `value` over the block, returned to every thread (every thread calls it). Shuffles,
+// then one partial per warp: a shared 64-bit atomicAdd per thread serialized (seen on H200: 5-7 us
+// with 128 adders, the largest cost of an EP2 dispatch).
+__device__ unsigned long long block_sum(unsigned long long value) {
+  __shared__ unsigned long long s_partial[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  __syncthreads();  // an earlier call's reads of s_partial are done
+  if ((threadIdx.x & 31) == 0) s_partial[threadIdx.x / 32] = value;
+  __syncthreads();
+  unsigned long long total = 0;
+  for (int w = 0; w < (int)blockDim.x / 32; ++w) total += s_partial[w];
+  return total;
 }
 
 // ---- dispatch: send ----------------------------------------------------------------------------
@@ -924,11 +955,12 @@ __device__ int wait_count(const Common& c, int owner, int localExpert, int s, in
 }
 
 // Phase 1: this rank's per-expert token counts to the experts' owners. s_expertCount: [numExperts].
+// Blocks [0, publishers) take kThreads experts each in turn.
 __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive,
-                               int* s_expertCount) {
+                               int* s_expertCount, int publishers) {
   const Common& c = p.c;
   const int E = c.numExperts, El = c.layout.numLocalExperts, R = c.layout.numRanks;
-  const int firstExpert = blockIdx.x * blockDim.x, stride = gridDim.x * blockDim.x;
+  const int firstExpert = blockIdx.x * blockDim.x, stride = publishers * blockDim.x;
   if (firstExpert >= E) return;  // block-uniform: this block publishes nothing
   count_tokens_per_expert(s_topk, p.numTokens * p.numTopk, E, s_expertCount);
   for (int e = firstExpert + threadIdx.x; e < E; e += stride) {
@@ -1034,18 +1066,16 @@ __device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const*
   }
 }
 
-// Block 0, after the send: every live source's count words of this call (a missing source is named),
-// the handle's ranges and per-expert received counts from them, then (thread 0) the arrived counter
-// up to every row those counts announce: senders add their rows after writing them, so the rows are
-// all in. The counter is cumulative: its target is this rank's running total per parity.
+// The grid's receiver block, while the others send: every live source's count words of this call (a
+// missing source is named), the handle's ranges and per-expert received counts from them, then
+// (thread 0) the arrived counter up to every row those counts announce: senders add their rows after
+// writing them, so the rows are all in. The counter is cumulative: its target is this rank's running
+// total per parity. s_counts: [El * R].
 __device__ void finish_direct_receive(const DispatchParams& p, int seq, const int* s_alive, int* s_counts) {
-  __shared__ unsigned long long s_total;
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
-  __syncthreads();  // s_counts held block 0's histogram until now
-  if (threadIdx.x == 0) s_total = 0;
   // One (expert, source) count word per thread: the waits overlap (a loop over sources per expert
   // made R waits in a row, the floor's largest cost at EP8).
   for (int i = threadIdx.x; i < El * R; i += blockDim.x) {
@@ -1061,6 +1091,7 @@ __device__ void finish_direct_receive(const DispatchParams& p, int seq, const in
     s_counts[i] = count;
   }
   __syncthreads();
+  LL_TRACE(c, seq, 6);
   int* range = reinterpret_cast<int*>(region + l.layoutRange);
   unsigned long long mine = 0;
   for (int e = threadIdx.x; e < El; e += blockDim.x) {
@@ -1075,15 +1106,16 @@ __device__ void finish_direct_receive(const DispatchParams& p, int seq, const in
     if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + e, running);
     mine += (unsigned long long)running;
   }
-  if (mine != 0) atomicAdd(&s_total, mine);
-  __syncthreads();
+  const unsigned long long total = block_sum(mine);
+  LL_TRACE(c, seq, 8);
   if (threadIdx.x == 0) {
-    const uint64_t target = c.state->dispatchExpected[c.parity] + s_total;
+    const uint64_t target = c.state->dispatchExpected[c.parity] + total;
     c.state->dispatchExpected[c.parity] = target;
     const auto* arrived = reinterpret_cast<const uint64_t*>(region + l.dispatchArrived);
     if (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, target, c.timeoutNs))
       record_timeout(c.state, c.errorWord, kSomeRowsMissing, kPhaseDispatch);
   }
+  LL_TRACE(c, seq, 9);
 }
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel(DispatchParams p) {
@@ -1099,40 +1131,56 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens;
   int* s_topk = s_dynamic;                 // [T * K]
   int* s_expertCount = s_dynamic + T * K;  // [numExperts]
+  // The last block only receives, so its waits for the count words and its writes of the handle's
+  // ranges overlap the senders' stores (after a token of its own they were on the critical path).
+  const int senders = (int)gridDim.x - 1;
+  const bool receiver = (int)blockIdx.x == senders;
   const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
+  LL_TRACE(c, seq, 0);
 
   const bool selfAlive = c.state->alive[c.rank] != 0;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     s_alive[r] = selfAlive && c.state->alive[r] != 0;
     s_rowsTo[r] = 0;
   }
+  __syncthreads();
+  if (receiver) {
+    // Its shared histogram space holds the El * R = numExperts count words instead.
+    finish_direct_receive(p, seq, s_alive, s_dynamic);
+    if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
+    LL_TRACE(c, seq, 7);
+    return;
+  }
   load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
   __syncthreads();
+  LL_TRACE(c, seq, 1);
   // This call reads no inbox, and the previous one of the parity (in stream order) is done: a peer's
   // next copy-engine blob of this parity may come (see await_acks).
   if (blockIdx.x == 0) send_acks(c, seq, s_alive);
-  publish_counts(p, seq, s_topk, s_alive, s_expertCount);
+  publish_counts(p, seq, s_topk, s_alive, s_expertCount, senders);
+  LL_TRACE(c, seq, 2);
 
-  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+  for (int t = blockIdx.x; t < T; t += senders) {
     // The row's first chunk is read before the planning waits (its load overlaps them).
     const RawChunk first = p.useFp8 ? load_chunk(reinterpret_cast<const int4*>(p.x + (int64_t)t * c.layout.hidden),
                                                  threadIdx.x, (int)threadIdx.x < c.layout.hidden / 16)
                                     : RawChunk{};
     plan_token_direct(p, seq, s_topk, s_alive, t, s_pos, s_begin, s_dest, s_scales, s_flat, s_rowsTo);
+    if (t == (int)blockIdx.x) LL_TRACE(c, seq, 3);
     if (p.useFp8) {
       send_row_fp8_direct(p, t, s_dest, s_scales, first);
     } else {
       send_row_bf16(p, t, s_dest);
     }
     __syncthreads();  // s_dest is rewritten for the next token
+    if (t == (int)blockIdx.x) LL_TRACE(c, seq, 4);
   }
 
   // The loop ended with __syncthreads: every row, scale and handle entry of this block is written.
   announce_rows(c, s_rowsTo, c.layout.dispatchArrived);
-  // Block 0's histogram (s_expertCount, numExperts = El * R ints) is free again: the counts go there.
-  if (blockIdx.x == 0) finish_direct_receive(p, seq, s_alive, s_expertCount);
-  // Bookkeeping last, off block 0's path to its waits.
+  LL_TRACE(c, seq, 5);
   if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
+  LL_TRACE(c, seq, 7);
 }
 
 // No hook: one kernel sends, then (every block, after the grid's last block has published) receives.
@@ -1519,13 +1567,12 @@ __device__ __forceinline__ int combine_row_of(const CombineParams& p, bool selfA
 // which the grid's last block stores once the block's work is done (combine_advance_target).
 // s_pull[s] is set for senders that let this rank read its rows from their combine buffer.
 __device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool selfAlive, bool hasWork, int* s_pull) {
-  __shared__ unsigned long long s_slices;
   const Common& c = p.c;
   const Layout& l = c.layout;
   char* region = c.local_region();
-  if (threadIdx.x == 0) s_slices = 0;
   for (int s = threadIdx.x; s < l.numRanks; s += blockDim.x) s_pull[s] = 0;
   __syncthreads();
+  unsigned long long mySlices = 0;
   if (selfAlive) {
     const auto* words = reinterpret_cast<const int64_t*>(region + l.combineCountWords);
     for (int s = threadIdx.x; s < l.numRanks; s += blockDim.x) {
@@ -1534,20 +1581,20 @@ __device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool self
       if (slices == kPullMarker) {
         fence_sys();  // acquire: the sender's expert outputs before this rank's reads of them
         s_pull[s] = 1;
-      } else if (slices != 0) {
-        atomicAdd(&s_slices, (unsigned long long)slices);
+      } else {
+        mySlices += (unsigned long long)slices;
       }
     }
   }
   const uint64_t base = c.state->combineExpected[c.parity];
-  __syncthreads();
+  const unsigned long long slices = block_sum(mySlices);  // syncs: s_pull is complete too
   if (threadIdx.x == 0) {
     const auto* arrived = reinterpret_cast<const uint64_t*>(region + l.combineArrived);
-    if (hasWork && (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, base + s_slices, c.timeoutNs)))
+    if (hasWork && (ld_volatile(&c.state->failed) != 0 || !wait_at_least(arrived, base + slices, c.timeoutNs)))
       record_timeout(c.state, c.errorWord, kSomeRowsMissing, kPhaseCombine);
   }
   __syncthreads();
-  return base + s_slices;
+  return base + slices;
 }
 
 // After the block's reduce (off the wait's path): the grid's last block stores the new target.
@@ -2054,8 +2101,10 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV) && !p.c.staged) {
     // Peer pointers, no hook: rows go straight into the receivers' packed slots. One block per
     // token (within the budget, so every rank's blocks are resident together).
-    const int grid = std::min(std::max(1, p.numTokens), ctx->waitingBlockBudget);
-    dispatch_direct_kernel<<<std::max(1, grid), kThreads, sendSmem, stream>>>(p);
+    // Senders (one per token, within the budget, so every rank's blocks are resident together), plus
+    // the receiver block.
+    const int senders = std::max(1, std::min(p.numTokens, ctx->waitingBlockBudget - 1));
+    dispatch_direct_kernel<<<senders + 1, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
     ctx->sentSlotValid[args->parity] = true;
     return bunEpSuccess;
@@ -2176,5 +2225,15 @@ bunEpResult_t bun_ep_ll_check(void* context) {
                    "same sequence of low-latency calls); this buffer is unusable, recreate it",
                    phase, (long long)ctx->config.rank, word[1], ctx->config.timeoutNs / 1e6);
 }
+
+#ifdef BUN_EP_LL_TRACE
+// Developer trace build only: the direct dispatch's phase stamps (see g_trace), u64
+// [calls][ranks][blocks][points] ns; 0 where no block stamped.
+BUN_EP_API int bun_ep_ll_debug_trace(void* host, uint64_t bytes) {
+  if (bytes < sizeof(g_trace)) return -1;
+  if (cudaMemcpyFromSymbol(host, g_trace, sizeof(g_trace)) != cudaSuccess) return -2;
+  return (int)sizeof(g_trace);
+}
+#endif
 
 }  // extern "C"
