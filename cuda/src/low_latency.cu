@@ -489,15 +489,27 @@ __device__ unsigned long long block_sum(unsigned long long value) {
 
 // s_pos[k] += how many of this rank's tokens before t chose token t's k-th expert: the row's slot
 // position among this rank's rows for that expert. The caller zeroes s_pos (synced) and syncs after.
-// One pass per top-k position with a single counter per thread (few registers: the fp8 path that
-// follows needs them).
+// One pass over the earlier entries, each compared with the token's K ids in registers (a pass per
+// top-k position cost up to 2 us for the last tokens of 128 at top-8). Valid ids of a row are
+// distinct (load_routing), so an entry matches at most one k.
+// Two 16-bit counters per register keep the kernel within its 64 registers without spills (a thread
+// sees at most T * K / blockDim entries, and T * K ints fit in shared memory: far below 65536).
 __device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, int K, int* s_pos) {
-  for (int k = 0; k < K; ++k) {
-    const int mine = s_topk[t * K + k];
-    if (mine < 0) continue;  // block-uniform
-    unsigned count = 0;
-    for (int i = threadIdx.x; i < t * K; i += blockDim.x) count += s_topk[i] == mine ? 1u : 0u;
-    const unsigned total = __reduce_add_sync(0xffffffffu, count);
+  int mine[kMaxTopk];
+  unsigned counts[kMaxTopk / 2];
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) mine[k] = k < K ? s_topk[t * K + k] : -1;
+#pragma unroll
+  for (int k = 0; k < kMaxTopk / 2; ++k) counts[k] = 0;
+  for (int i = threadIdx.x; i < t * K; i += blockDim.x) {
+    const int e = s_topk[i];
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) counts[k / 2] += (e >= 0 && e == mine[k]) ? (1u << (16 * (k % 2))) : 0u;
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) {
+    if (k >= K || mine[k] < 0) continue;  // block-uniform
+    const unsigned total = __reduce_add_sync(0xffffffffu, (counts[k / 2] >> (16 * (k % 2))) & 0xffffu);
     if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
   }
 }
@@ -972,34 +984,39 @@ __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_to
   }
 }
 
-// Where token t's row goes per top-k position: s_dest the owner's recvX row (NULL: none),
-// s_scales its scales row, s_flat the flat slot (for the handle entries). Collective over the block.
-__device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive, int t,
-                                  int* s_pos, int* s_begin, char** s_dest, char** s_scales, int64_t* s_flat,
-                                  int* s_rowsTo) {
+// Tokens a sender block plans together: one round of count-word waits for all of them, then their
+// rows back to back (a block with several tokens, e.g. 8 ranks sharing one GPU, waited per token).
+constexpr int kPlanBatch = 8;
+
+// Where each of the block's n <= kPlanBatch tokens tFirst + j * stride goes per top-k position:
+// s_dest[j][k] the owner's recvX row (NULL: none), s_scales[j][k] its scales row; writes the handle
+// entries at the owners and this rank's sentSlot, and counts rows per owner in s_rowsTo.
+// Collective over the block.
+__device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive, int tFirst,
+                                   int stride, int n, int (*s_pos)[kMaxTopk], int (*s_begin)[kMaxTopk],
+                                   char* (*s_dest)[kMaxTopk], char* (*s_scales)[kMaxTopk], int* s_rowsTo) {
   const Common& c = p.c;
   const Layout& l = c.layout;
-  const int K = p.numTopk, El = l.numLocalExperts, me = c.rank;
-  if (threadIdx.x < kMaxTopk) {
-    s_pos[threadIdx.x] = 0;
-    s_begin[threadIdx.x] = 0;
+  const int K = p.numTopk, El = l.numLocalExperts, R = l.numRanks, me = c.rank;
+  for (int i = threadIdx.x; i < n * kMaxTopk; i += blockDim.x) {
+    s_pos[i / kMaxTopk][i % kMaxTopk] = 0;
+    s_begin[i / kMaxTopk][i % kMaxTopk] = 0;
   }
   __syncthreads();
-  count_earlier_tokens(s_topk, t, K, s_pos);
-  // Begins: the counts of source ranks below this one, one (k, source) pair per thread. The owner's
-  // own word is awaited too: the owner has then started this call, so it is done (in its stream
-  // order) with whatever it did with this parity's outputs before.
-  const int R = l.numRanks;
-  for (int i = threadIdx.x; i < K * R; i += blockDim.x) {
-    const int k = i / R, s = i % R;
-    const int e = s_topk[t * K + k];
+  for (int j = 0; j < n; ++j) count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j]);
+  // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
+  // owner's own word is awaited too: the owner has then started this call, so it is done (in its
+  // stream order) with whatever it did with this parity's outputs before.
+  for (int i = threadIdx.x; i < n * K * R; i += blockDim.x) {
+    const int j = i / (K * R), k = (i / R) % K, s = i % R;
+    const int e = s_topk[(tFirst + j * stride) * K + k];
     if (e < 0 || (s >= me && s != e / El) || !s_alive[e / El] || !s_alive[s]) continue;
     const int count = wait_count(c, e / El, e % El, s, seq);
-    if (s < me && count != 0) atomicAdd(&s_begin[k], count);
+    if (s < me && count != 0) atomicAdd(&s_begin[j][k], count);
   }
   __syncthreads();
-  if (threadIdx.x < K) {
-    const int k = threadIdx.x;
+  for (int i = threadIdx.x; i < n * K; i += blockDim.x) {
+    const int j = i / K, k = i % K, t = tFirst + j * stride;
     const int e = s_topk[t * K + k];
     const int owner = e >= 0 ? e / El : -1;
     char* dest = nullptr;
@@ -1007,7 +1024,7 @@ __device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s
     int64_t flat = 0;
     if (owner >= 0 && s_alive[owner]) {
       // Stale counts after a timeout could overflow the expert's slots: the row is then dropped.
-      const int slot = s_begin[k] + s_pos[k];
+      const int slot = s_begin[j][k] + s_pos[j][k];
       if (slot < l.slotsPerExpert) {
         flat = (int64_t)(e % El) * l.slotsPerExpert + slot;
         char* region = c.peers[owner] + c.parity_offset();
@@ -1019,20 +1036,28 @@ __device__ void plan_token_direct(const DispatchParams& p, int seq, const int* s
         atomicAdd(&s_rowsTo[owner], 1);
       }
     }
-    s_dest[k] = dest;
-    s_scales[k] = scales;
-    s_flat[k] = flat;
+    s_dest[j][k] = dest;
+    s_scales[j][k] = scales;
     reinterpret_cast<int*>(c.local_region() + l.sentSlot)[(int64_t)t * l.maxTopk + k] = dest != nullptr ? (int)flat : -1;
   }
   __syncthreads();
 }
 
+// This thread's second chunk of row t (v = threadIdx.x + blockDim.x; zeros past the row).
+__device__ __forceinline__ RawChunk second_chunk(const DispatchParams& p, int t) {
+  const int H = p.c.layout.hidden, v = threadIdx.x + blockDim.x;
+  return load_chunk(reinterpret_cast<const int4*>(p.x + (int64_t)t * H), v, v < H / 16);
+}
+
 // fp8 into packed slots: payload, then f32 scales (group leaders) or, with ue8m0, one word of four
 // exponent bytes per warp (H is then a multiple of 512, so a warp's 32 chunks are 4 whole groups).
-// `first`: this thread's first chunk, loaded by the caller ahead of the token's waits. Each later
-// chunk is loaded one step ahead, so a load is always in flight while the previous one is quantized.
-__device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const* s_dest, char* const* s_scales,
-                                    const RawChunk& first) {
+// `first`, `second`: this thread's first two chunks (v and v + blockDim), loaded by the caller ahead
+// of the token's waits (at hidden 7168 that is the whole row: no load waits after the plan). Each
+// later chunk is loaded one step ahead, so a load is always in flight while the previous one is
+// quantized; the last step loads the first chunk of the row at `nextRow` (when not NULL), which is
+// returned.
+__device__ RawChunk send_row_fp8_direct(const DispatchParams& p, int t, char* const* s_dest, char* const* s_scales,
+                                        const RawChunk& first, const RawChunk& second, const int4* nextRow) {
   const int H = p.c.layout.hidden;
   const bool roundScale = p.roundScale || p.useUe8m0;
   const int lane = threadIdx.x % 32;
@@ -1042,7 +1067,11 @@ __device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const*
     const int v = base + threadIdx.x;
     const bool active = v < H / 16;
     const RawChunk current = next;
-    if (base + (int)blockDim.x < H / 16) next = load_chunk(src, v + blockDim.x, v + (int)blockDim.x < H / 16);
+    if (base + (int)blockDim.x < H / 16) {
+      next = base == 0 ? second : load_chunk(src, v + blockDim.x, v + (int)blockDim.x < H / 16);
+    } else if (nextRow != nullptr) {
+      next = load_chunk(nextRow, threadIdx.x, (int)threadIdx.x < H / 16);
+    }
     const Fp8Chunk chunk = quantize_loaded(current, active, roundScale);
     uint32_t exponents = 0;
     if (p.useUe8m0) {
@@ -1064,6 +1093,7 @@ __device__ void send_row_fp8_direct(const DispatchParams& p, int t, char* const*
       }
     }
   }
+  return next;
 }
 
 // The grid's receiver block, while the others send: every live source's count words of this call (a
@@ -1121,14 +1151,13 @@ __device__ void finish_direct_receive(const DispatchParams& p, int seq, const in
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel(DispatchParams p) {
   extern __shared__ int s_dynamic[];
   __shared__ int s_alive[kMaxRanks];
-  __shared__ int s_pos[kMaxTopk];
-  __shared__ int s_begin[kMaxTopk];
-  __shared__ char* s_dest[kMaxTopk];
-  __shared__ char* s_scales[kMaxTopk];
-  __shared__ int64_t s_flat[kMaxTopk];
+  __shared__ int s_pos[kPlanBatch][kMaxTopk];
+  __shared__ int s_begin[kPlanBatch][kMaxTopk];
+  __shared__ char* s_dest[kPlanBatch][kMaxTopk];
+  __shared__ char* s_scales[kPlanBatch][kMaxTopk];
   __shared__ int s_rowsTo[kMaxRanks];
   const Common& c = p.c;
-  const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens;
+  const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens, H = c.layout.hidden;
   int* s_topk = s_dynamic;                 // [T * K]
   int* s_expertCount = s_dynamic + T * K;  // [numExperts]
   // The last block only receives, so its waits for the count words and its writes of the handle's
@@ -1154,26 +1183,34 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
   __syncthreads();
   LL_TRACE(c, seq, 1);
-  // This call reads no inbox, and the previous one of the parity (in stream order) is done: a peer's
-  // next copy-engine blob of this parity may come (see await_acks).
-  if (blockIdx.x == 0) send_acks(c, seq, s_alive);
   publish_counts(p, seq, s_topk, s_alive, s_expertCount, senders);
   LL_TRACE(c, seq, 2);
+  // This call reads no inbox, and the previous one of the parity (in stream order) is done: a peer's
+  // next copy-engine blob of this parity may come (see await_acks). After the counts: the release
+  // store's fence would delay them.
+  if (blockIdx.x == 0) send_acks(c, seq, s_alive);
 
-  for (int t = blockIdx.x; t < T; t += senders) {
-    // The row's first chunk is read before the planning waits (its load overlaps them).
-    const RawChunk first = p.useFp8 ? load_chunk(reinterpret_cast<const int4*>(p.x + (int64_t)t * c.layout.hidden),
-                                                 threadIdx.x, (int)threadIdx.x < c.layout.hidden / 16)
-                                    : RawChunk{};
-    plan_token_direct(p, seq, s_topk, s_alive, t, s_pos, s_begin, s_dest, s_scales, s_flat, s_rowsTo);
-    if (t == (int)blockIdx.x) LL_TRACE(c, seq, 3);
-    if (p.useFp8) {
-      send_row_fp8_direct(p, t, s_dest, s_scales, first);
-    } else {
-      send_row_bf16(p, t, s_dest);
+  // This block's tokens: blockIdx.x + j * senders, in batches of kPlanBatch.
+  const int numMine = (T - (int)blockIdx.x + senders - 1) / senders;
+  const auto row_of = [&](int t) { return reinterpret_cast<const int4*>(p.x + (int64_t)t * H); };
+  for (int batch = 0; batch < numMine; batch += kPlanBatch) {
+    const int n = min(kPlanBatch, numMine - batch), tFirst = (int)blockIdx.x + batch * senders;
+    // The first row's first two chunks are read before the planning waits (their loads overlap them).
+    RawChunk first = p.useFp8 ? load_chunk(row_of(tFirst), threadIdx.x, (int)threadIdx.x < H / 16) : RawChunk{};
+    RawChunk second = p.useFp8 ? second_chunk(p, tFirst) : RawChunk{};
+    plan_tokens_direct(p, seq, s_topk, s_alive, tFirst, senders, n, s_pos, s_begin, s_dest, s_scales, s_rowsTo);
+    if (batch == 0) LL_TRACE(c, seq, 3);
+    for (int j = 0; j < n; ++j) {
+      const int t = tFirst + j * senders;
+      if (p.useFp8) {
+        if (j > 0) second = second_chunk(p, t);
+        first = send_row_fp8_direct(p, t, s_dest[j], s_scales[j], first, second, j + 1 < n ? row_of(t + senders) : nullptr);
+      } else {
+        send_row_bf16(p, t, s_dest[j]);
+      }
     }
-    __syncthreads();  // s_dest is rewritten for the next token
-    if (t == (int)blockIdx.x) LL_TRACE(c, seq, 4);
+    __syncthreads();  // s_dest is rewritten by the next batch
+    if (batch == 0) LL_TRACE(c, seq, 4);
   }
 
   // The loop ended with __syncthreads: every row, scale and handle entry of this block is written.
@@ -1250,7 +1287,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_send_ker
       positions[t * K + threadIdx.x] = s_pos[threadIdx.x];
     }
     if (p.useFp8) {
-      send_row_fp8_direct(p, t, s_dest, s_scales, first);
+      send_row_fp8_direct(p, t, s_dest, s_scales, first, second_chunk(p, t), nullptr);
     } else {
       send_row_bf16(p, t, s_dest);
     }
