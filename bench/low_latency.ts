@@ -206,7 +206,7 @@ async function benchShape(
   const single = { dispatch: copyMs(dispatchBytes, copyStream), combine: copyMs(combineBytes, copyStream) };
 
   const row = (op: string, mode: string, ms: number, bytes: number): void => {
-    const which = op === "dispatch" ? "dispatch" : op === "combine" ? "combine" : null;
+    const which = op.startsWith("dispatch") ? "dispatch" : op.startsWith("combine") ? "combine" : null;
     const ceiling = which === null ? null : ceilings[which];
     const copy = ceiling === null ? 0 : mode === "events" ? ceiling.events : mode === "graph" ? ceiling.graph : ceiling.graphPerCall;
     rows.push({
@@ -263,6 +263,23 @@ async function benchShape(
     });
     row("combine", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyCombine, ITERATIONS)) / CALLS_PER_GRAPH, combineBytes);
     manyCombine.close();
+    // The hook path's own cost: send then hook() at once (nothing to overlap), per call.
+    const hooked: LowLatencyDispatchResult[][] = [];
+    const manyHookDispatch = captureForked(states, () => {
+      for (let i = 0; i < CALLS_PER_GRAPH; i++) {
+        const results = dispatchAll(true);
+        for (const r of results) r.hook();
+        hooked.push(results);
+      }
+    });
+    row("dispatch send + hook()", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyHookDispatch, ITERATIONS)) / CALLS_PER_GRAPH, dispatchBytes);
+    manyHookDispatch.close();
+    const hookedPair = hooked.slice(-2);
+    const manyHookCombine = captureForked(states, () => {
+      for (let i = 0; i < CALLS_PER_GRAPH; i++) for (const c of combineAll(hookedPair[i % 2]!, true)) c.hook();
+    });
+    row("combine send + hook()", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyHookCombine, ITERATIONS)) / CALLS_PER_GRAPH, combineBytes);
+    manyHookCombine.close();
   }
 
   if (opts.overlap) {

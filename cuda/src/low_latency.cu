@@ -942,14 +942,14 @@ __device__ __forceinline__ void send_acks(const Common& c, int seq, const int* s
 
 __device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int64_t)seq << 32) | (uint32_t)count; }
 
-// Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`
-// (bounded wait; on a timeout the rank is recorded and 0 returned: the call's results are void).
 // The count of a count word written by rank `s` for call `seq` (bounded wait; on a timeout `s` is
-// recorded for `phase` and 0 returned: the call's results are void).
+// recorded for `phase` and 0 returned: the call's results are void). The failure word (an earlier
+// wait of this rank timed out: do not wait again) is read beside the first read, not after it.
 __device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
   int64_t value = ld_relaxed_sys(word);
+  const int failed = ld_volatile(&c.state->failed);
   if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
-  if (ld_volatile(&c.state->failed) != 0) return 0;
+  if (failed != 0) return 0;
   const uint64_t start = globaltimer_ns();
   while ((int)((value = ld_relaxed_sys(word)) >> 32) < seq) {
     if (globaltimer_ns() - start > c.timeoutNs) {
@@ -960,6 +960,7 @@ __device__ int wait_count_word(const Common& c, const int64_t* word, int s, int 
   return (int)(uint32_t)value;
 }
 
+// Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`.
 __device__ int wait_count(const Common& c, int owner, int localExpert, int s, int seq) {
   const int64_t* word = reinterpret_cast<const int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
                         (int64_t)localExpert * c.layout.numRanks + s;
@@ -1172,6 +1173,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
     s_alive[r] = selfAlive && c.state->alive[r] != 0;
     s_rowsTo[r] = 0;
   }
+  // The routing's loads go out beside the alive flags' (one sync for both).
+  if (!receiver) load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
   __syncthreads();
   if (receiver) {
     // Its shared histogram space holds the El * R = numExperts count words instead.
@@ -1180,8 +1183,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
     LL_TRACE(c, seq, 7);
     return;
   }
-  load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
-  __syncthreads();
   LL_TRACE(c, seq, 1);
   publish_counts(p, seq, s_topk, s_alive, s_expertCount, senders);
   LL_TRACE(c, seq, 2);
