@@ -424,10 +424,11 @@ __device__ __forceinline__ bool last_block_arrived(int* counter) {
 
 // Peer pointers: after __syncthreads (every row of the block written), add the block's row count per
 // destination rank to that rank's arrived counter at `counterOffset` (release: the rows come first).
-__device__ __forceinline__ void announce_rows(const Common& c, const int* s_rowsTo, int64_t counterOffset) {
+// `peers`: c.peers or a shared-memory copy of it.
+__device__ __forceinline__ void announce_rows(const Common& c, char* const* peers, const int* s_rowsTo, int64_t counterOffset) {
   for (int q = threadIdx.x; q < c.layout.numRanks; q += blockDim.x)
     if (s_rowsTo[q] > 0)
-      red_add_release_sys(reinterpret_cast<uint64_t*>(c.peers[q] + c.parity_offset() + counterOffset), (uint64_t)s_rowsTo[q]);
+      red_add_release_sys(reinterpret_cast<uint64_t*>(peers[q] + c.parity_offset() + counterOffset), (uint64_t)s_rowsTo[q]);
 }
 
 __device__ __forceinline__ float power_of_two_ceil(float s) {
@@ -961,8 +962,9 @@ __device__ int wait_count_word(const Common& c, const int64_t* word, int s, int 
 }
 
 // Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`.
-__device__ int wait_count(const Common& c, int owner, int localExpert, int s, int seq) {
-  const int64_t* word = reinterpret_cast<const int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
+// s_peers: the kernel's shared copy of c.peers (a global load of the peer's base would come first).
+__device__ int wait_count(const Common& c, char* const* s_peers, int owner, int localExpert, int s, int seq) {
+  const int64_t* word = reinterpret_cast<const int64_t*>(s_peers[owner] + c.parity_offset() + c.layout.countWords) +
                         (int64_t)localExpert * c.layout.numRanks + s;
   return wait_count_word(c, word, s, seq, kPhaseDispatch);
 }
@@ -970,7 +972,7 @@ __device__ int wait_count(const Common& c, int owner, int localExpert, int s, in
 // Phase 1: this rank's per-expert token counts to the experts' owners. s_expertCount: [numExperts].
 // Blocks [0, publishers) take kThreads experts each in turn.
 __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive,
-                               int* s_expertCount, int publishers) {
+                               char* const* s_peers, int* s_expertCount, int publishers) {
   const Common& c = p.c;
   const int E = c.numExperts, El = c.layout.numLocalExperts, R = c.layout.numRanks;
   const int firstExpert = blockIdx.x * blockDim.x, stride = publishers * blockDim.x;
@@ -979,7 +981,7 @@ __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_to
   for (int e = firstExpert + threadIdx.x; e < E; e += stride) {
     const int owner = e / El;
     if (!s_alive[owner]) continue;
-    int64_t* word = reinterpret_cast<int64_t*>(c.peers[owner] + c.parity_offset() + c.layout.countWords) +
+    int64_t* word = reinterpret_cast<int64_t*>(s_peers[owner] + c.parity_offset() + c.layout.countWords) +
                     (int64_t)(e % El) * R + c.rank;
     st_relaxed_sys(word, count_word(seq, s_expertCount[e]));
   }
@@ -993,7 +995,8 @@ constexpr int kPlanBatch = 8;
 // s_dest[j][k] the owner's recvX row (NULL: none), s_scales[j][k] its scales row; writes the handle
 // entries at the owners and this rank's sentSlot, and counts rows per owner in s_rowsTo.
 // Collective over the block.
-__device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive, int tFirst,
+__device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive,
+                                   char* const* s_peers, int tFirst,
                                    int stride, int n, int (*s_pos)[kMaxTopk], int (*s_begin)[kMaxTopk],
                                    char* (*s_dest)[kMaxTopk], char* (*s_scales)[kMaxTopk], int* s_rowsTo) {
   const Common& c = p.c;
@@ -1012,7 +1015,7 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
     const int j = i / (K * R), k = (i / R) % K, s = i % R;
     const int e = s_topk[(tFirst + j * stride) * K + k];
     if (e < 0 || (s >= me && s != e / El) || !s_alive[e / El] || !s_alive[s]) continue;
-    const int count = wait_count(c, e / El, e % El, s, seq);
+    const int count = wait_count(c, s_peers, e / El, e % El, s, seq);
     if (s < me && count != 0) atomicAdd(&s_begin[j][k], count);
   }
   __syncthreads();
@@ -1028,7 +1031,7 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
       const int slot = s_begin[j][k] + s_pos[j][k];
       if (slot < l.slotsPerExpert) {
         flat = (int64_t)(e % El) * l.slotsPerExpert + slot;
-        char* region = c.peers[owner] + c.parity_offset();
+        char* region = s_peers[owner] + c.parity_offset();
         const int numGroups = l.hidden / kGroupSize;
         dest = region + l.recvX + flat * (p.useFp8 ? l.hidden : 2 * l.hidden);
         scales = region + l.recvScales + flat * (p.useUe8m0 ? numGroups / kUe8m0GroupsPerWord : numGroups) * 4;
@@ -1102,7 +1105,8 @@ __device__ RawChunk send_row_fp8_direct(const DispatchParams& p, int t, char* co
 // (thread 0) the arrived counter up to every row those counts announce: senders add their rows after
 // writing them, so the rows are all in. The counter is cumulative: its target is this rank's running
 // total per parity. s_counts: [El * R].
-__device__ void finish_direct_receive(const DispatchParams& p, int seq, const int* s_alive, int* s_counts) {
+__device__ void finish_direct_receive(const DispatchParams& p, int seq, const int* s_alive, char* const* s_peers,
+                                      int* s_counts) {
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, El = l.numLocalExperts;
@@ -1116,7 +1120,7 @@ __device__ void finish_direct_receive(const DispatchParams& p, int seq, const in
       // Expert 0's waits give the wait time per source rank (stats).
       const bool timed = e == 0 && p.waitStats != nullptr;
       const uint64_t start = timed ? globaltimer_ns() : 0;
-      count = wait_count(c, c.rank, e, s, seq);
+      count = wait_count(c, s_peers, c.rank, e, s, seq);
       if (timed) atomicAdd(p.waitStats + s, (unsigned long long)(globaltimer_ns() - start));
     }
     s_counts[i] = count;
@@ -1157,6 +1161,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   __shared__ char* s_dest[kPlanBatch][kMaxTopk];
   __shared__ char* s_scales[kPlanBatch][kMaxTopk];
   __shared__ int s_rowsTo[kMaxRanks];
+  __shared__ char* s_peers[kMaxRanks];  // c.peers: no global load before each peer address
   const Common& c = p.c;
   const int R = c.layout.numRanks, K = p.numTopk, T = p.numTokens, H = c.layout.hidden;
   int* s_topk = s_dynamic;                 // [T * K]
@@ -1171,6 +1176,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   const bool selfAlive = c.state->alive[c.rank] != 0;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     s_alive[r] = selfAlive && c.state->alive[r] != 0;
+    s_peers[r] = c.peers[r];
     s_rowsTo[r] = 0;
   }
   // The routing's loads go out beside the alive flags' (one sync for both).
@@ -1178,13 +1184,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   __syncthreads();
   if (receiver) {
     // Its shared histogram space holds the El * R = numExperts count words instead.
-    finish_direct_receive(p, seq, s_alive, s_dynamic);
+    finish_direct_receive(p, seq, s_alive, s_peers, s_dynamic);
     if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
     LL_TRACE(c, seq, 7);
     return;
   }
   LL_TRACE(c, seq, 1);
-  publish_counts(p, seq, s_topk, s_alive, s_expertCount, senders);
+  publish_counts(p, seq, s_topk, s_alive, s_peers, s_expertCount, senders);
   LL_TRACE(c, seq, 2);
   // This call reads no inbox, and the previous one of the parity (in stream order) is done: a peer's
   // next copy-engine blob of this parity may come (see await_acks). After the counts: the release
@@ -1199,7 +1205,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
     // The first row's first two chunks are read before the planning waits (their loads overlap them).
     RawChunk first = p.useFp8 ? load_chunk(row_of(tFirst), threadIdx.x, (int)threadIdx.x < H / 16) : RawChunk{};
     RawChunk second = p.useFp8 ? second_chunk(p, tFirst) : RawChunk{};
-    plan_tokens_direct(p, seq, s_topk, s_alive, tFirst, senders, n, s_pos, s_begin, s_dest, s_scales, s_rowsTo);
+    plan_tokens_direct(p, seq, s_topk, s_alive, s_peers, tFirst, senders, n, s_pos, s_begin, s_dest, s_scales, s_rowsTo);
     if (batch == 0) LL_TRACE(c, seq, 3);
     for (int j = 0; j < n; ++j) {
       const int t = tFirst + j * senders;
@@ -1215,7 +1221,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   }
 
   // The loop ended with __syncthreads: every row, scale and handle entry of this block is written.
-  announce_rows(c, s_rowsTo, c.layout.dispatchArrived);
+  announce_rows(c, s_peers, s_rowsTo, c.layout.dispatchArrived);
   LL_TRACE(c, seq, 5);
   if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
   LL_TRACE(c, seq, 7);
@@ -1571,7 +1577,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   if (!c.staged) {
     // Peer pointers: no flags; each block announces its slices to their homes' arrived counters.
     __syncthreads();
-    announce_rows(c, s_rowsTo, l.combineArrived);
+    announce_rows(c, c.peers, s_rowsTo, l.combineArrived);
     if (threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity])) c.state->combineSeq[c.parity] = seq;
     return;
   }
