@@ -470,6 +470,8 @@ async function main(): Promise<void> {
     for (const r of ranks) {
       r.graphs?.plain.close();
       r.graphs?.hooked.close();
+      r.stream?.synchronize(); // the last step's work on the micro-batch tensors is done
+      for (const mb of r.mbs) for (const t of [mb.x, mb.topkIdx, mb.topkWeights, mb.out]) t.free();
     }
     await Promise.all(ranks.map((r) => r.buffer.close()));
     for (const g of groups) g.close();

@@ -20,6 +20,9 @@ export interface Tensor<D extends DType = DType> {
   readonly byteLength: number;
   /** False for a strided view; every kernel and the reference need contiguous inputs. */
   readonly contiguous: boolean;
+  /** Releases device or pinned memory (a view frees nothing); a no-op for host tensors. */
+  free(): void;
+  [Symbol.dispose](): void;
 }
 
 export function numelOf(shape: readonly number[]): number {

@@ -45,7 +45,8 @@ async function expectArgError(fn: () => unknown, argument: string, ...parts: str
 
 /** A tensor-shaped object standing for memory elsewhere (a device) or a strided view. */
 function fakeTensor(dtype: Tensor["dtype"], shape: number[], device: Tensor["device"], contiguous = true): Tensor {
-  return { dtype, shape, device, numel: shape.reduce((a, c) => a * c, 1), byteLength: 0, contiguous };
+  const nothing = (): void => {};
+  return { dtype, shape, device, numel: shape.reduce((a, c) => a * c, 1), byteLength: 0, contiguous, free: nothing, [Symbol.dispose]: nothing };
 }
 
 beforeAll(async () => {
