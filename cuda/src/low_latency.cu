@@ -926,15 +926,17 @@ __device__ __forceinline__ void send_acks(const Common& c, int seq, const int* s
 
 // ---- dispatch without hook over peer pointers: rows straight into the receivers' packed slots ----
 //
-// Phase 1 (no waits): every block counts this rank's tokens per expert (shared histogram) and the
-// grid publishes each count to the expert's owner as one 64-bit word (call number << 32 | count).
-// Phase 2: per token, the block waits (bounded) for the counts of the lower source ranks for the
-// token's experts at their owners, so slot = (sum of those counts) + (earlier tokens of this rank
-// with that expert), and stores the row, its scales and its handle entries (source token, top-k
-// position) straight into the owner's recvX / recvXScales / srcTokenIdx / slot routes: no staging,
-// no second pass. Each block then adds its rows per receiver to that receiver's arrived counter;
-// block 0 waits for every live source's count words of its experts (in parallel), writes recvCount
-// and layoutRange from them, and waits until the counter holds every row they announce.
+// Sender blocks (every block but the last) and one receiver block (the last).
+// Phase 1 (no waits): the first sender blocks count this rank's tokens per expert (shared histogram)
+// and publish each count to the expert's owner as one 64-bit word (call number << 32 | count).
+// Phase 2: per batch of up to kPlanBatch of its tokens, a sender block waits (bounded) for the counts
+// of the lower source ranks for those tokens' experts at their owners, so slot = (sum of those
+// counts) + (earlier tokens of this rank with that expert), and stores each row, its scales and its
+// handle entries (source token, top-k position) straight into the owner's recvX / recvXScales /
+// srcTokenIdx / slot routes: no staging, no second pass. Each sender block then adds its rows per
+// receiver to that receiver's arrived counter. Meanwhile the receiver block waits for every live
+// source's count words of this rank's experts (in parallel), writes recvCount and layoutRange from
+// them, and waits until the counter holds every row they announce.
 // Every rank waits for every live source's count words, so no rank starts call n + 2 of a parity (and
 // rewrites its count words) before every rank has finished reading call n's; and a sender writes a
 // receiver's slots only after the receiver's own count word of this call is seen (the receiver has
@@ -1183,9 +1185,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   if (!receiver) load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
   __syncthreads();
   if (receiver) {
+    // Call-number bookkeeping first: this block finishes last, and the atomic's round trip would
+    // follow its final wait.
+    if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
     // Its shared histogram space holds the El * R = numExperts count words instead.
     finish_direct_receive(p, seq, s_alive, s_peers, s_dynamic);
-    if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
     LL_TRACE(c, seq, 7);
     return;
   }

@@ -1,0 +1,100 @@
+// Developer probe: where the direct low-latency dispatch spends a call. Ranks of one process on one
+// GPU, hidden 7168, 256 experts, fp8; CALLS calls captured in one graph and replayed; then thread 0
+// of every block's global-timer stamps of the last calls (g_trace in cuda/src/low_latency.cu), per
+// rank as min / median / max over sender blocks, in us from the call's first stamp, plus the
+// receiver block's phases. Needs a trace build: BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE bun run build
+// (the stamps are coarse: the global timer ticks every 256 ns or so on H200).
+//   bun bench/ll_trace.ts [--ranks 2] [--tokens 128] [--topk 8]
+import { dlopen, ptr } from "bun:ffi";
+import { resolve } from "node:path";
+import { LocalGroup } from "../lib/group.ts";
+import { Event, type Graph } from "../lib/stream.ts";
+import { requireGpu } from "./common.ts";
+import { createEngines, makeInputs, toDevice, type LlShape, type RankState } from "../test/gpu/fixtures/ll_harness.ts";
+
+function option(name: string, fallback: string): string {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? (process.argv[i + 1] ?? fallback) : fallback;
+}
+const R = Number(option("--ranks", "2"));
+const T = Number(option("--tokens", "128"));
+const K = Number(option("--topk", "8"));
+const CALLS = 20;
+const CALLS_T = 8, RANKS_T = 8, BLOCKS_T = 256, POINTS_T = 10;
+
+requireGpu("bench/ll_trace.ts");
+const lib = dlopen(resolve(import.meta.dir, "../build/libbun_ep.so"), {
+  bun_ep_ll_debug_trace: { args: ["ptr", "u64"], returns: "i32" },
+});
+
+const shape: LlShape = { numRanks: R, maxTokensPerRank: T, hidden: 7168, numExperts: 256, topk: K };
+const groups = LocalGroup.create(R);
+const states: RankState[] = await createEngines(groups, shape, 0, 30_000);
+const inputs = makeInputs(1234, shape, "full");
+const data = states.map((st, r) => ({ x: toDevice(inputs[r]!.x, st.stream), topkIdx: toDevice(inputs[r]!.topkIdx, st.stream) }));
+const dispatchAll = () =>
+  states.map((st, r) =>
+    st.engine.dispatchSync({
+      x: data[r]!.x, topkIdx: data[r]!.topkIdx, maxTokensPerRank: T, numExperts: 256, useFp8: true, roundScale: false,
+      useUe8m0: false, cumulativeRecvStats: null, waitStats: null, hook: false, asyncFinish: false, stream: st.stream.handle,
+    }),
+  );
+const main = states[0]!.stream;
+main.beginCapture();
+const fork = Event.create({ device: main.device }).record(main);
+for (const st of states.slice(1)) st.stream.waitEvent(fork);
+for (let i = 0; i < CALLS; i++) dispatchAll();
+for (const st of states.slice(1)) main.waitEvent(Event.create({ device: st.stream.device }).record(st.stream));
+const graph: Graph = main.endCapture();
+let ms = 0;
+for (let i = 0; i < 30; i++) {
+  const a = Event.create({ timing: true, device: main.device }).record(main);
+  graph.launch(main);
+  const b = Event.create({ timing: true, device: main.device }).record(main);
+  b.synchronize();
+  ms = a.elapsedMs(b);
+}
+for (const st of states) st.engine.checkError();
+console.log(`R=${R} T=${T} K=${K}: last graph ${(ms * 1000).toFixed(1)} us, ${((ms * 1000) / CALLS).toFixed(2)} us per call`);
+
+const buf = new BigUint64Array(CALLS_T * RANKS_T * BLOCKS_T * POINTS_T);
+const got = lib.symbols.bun_ep_ll_debug_trace(ptr(buf), BigInt(buf.byteLength));
+if (got < 0) throw new Error(`trace: ${got} (build with BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE)`);
+const at = (call: number, rank: number, block: number, point: number) =>
+  Number(buf[((call * RANKS_T + rank) * BLOCKS_T + block) * POINTS_T + point]!);
+// Order the traced calls by their first stamp.
+const calls = Array.from({ length: CALLS_T }, (_, c) => c).filter((c) => at(c, 0, 0, 0) > 0);
+calls.sort((a, b) => at(a, 0, 0, 0) - at(b, 0, 0, 0));
+const q = (xs: number[], f: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(f * s.length))]!;
+};
+let prevEnd = 0;
+for (const c of calls.slice(-3)) {
+  let t0 = Infinity, end = 0;
+  for (let r = 0; r < R; r++) for (let b = 0; b < BLOCKS_T; b++) {
+    const e = at(c, r, b, 0);
+    if (e > 0) t0 = Math.min(t0, e);
+    end = Math.max(end, at(c, r, b, 7));
+  }
+  console.log(`call slot ${c}: span ${((end - t0) / 1000).toFixed(2)} us, gap after previous end ${prevEnd ? ((t0 - prevEnd) / 1000).toFixed(2) : "-"} us`);
+  prevEnd = end;
+  for (let r = 0; r < R; r++) {
+    const rel = (b: number, p: number) => (at(c, r, b, p) - t0) / 1000;
+    const used = Array.from({ length: BLOCKS_T }, (_, b) => b).filter((b) => at(c, r, b, 0) > 0);
+    const rcv = used[used.length - 1]!;
+    const senderBlocks = used.slice(0, -1);
+    // Phase ends: kernel entry, routing in shared memory, counts published (block 0), first batch
+    // planned (its waits done), first batch sent, rows announced, -, block end.
+    const names = ["entry", "routing", "publish", "planned", "sent", "announced", "", "end"];
+    const parts: string[] = [];
+    for (let p = 0; p < 8; p++) {
+      if (p === 6) { parts.push(`rcv counts ${rel(rcv, 6).toFixed(2)} ranges ${rel(rcv, 8).toFixed(2)} arrived ${rel(rcv, 9).toFixed(2)}`); continue; }
+      const xs = (p === 0 || p === 7 ? used : senderBlocks).map((b) => rel(b, p));
+      parts.push(`${names[p]} ${q(xs, 0).toFixed(2)}/${q(xs, 0.5).toFixed(2)}/${q(xs, 1).toFixed(2)}`);
+    }
+    console.log(`  rank ${r} (min/med/max us from call start): ${parts.join(" | ")} | rcv ${rcv} entry ${rel(rcv, 0).toFixed(2)} end ${rel(rcv, 7).toFixed(2)}`);
+  }
+}
+await Promise.all(states.map((st) => st.engine.close()));
+process.exit(0);
