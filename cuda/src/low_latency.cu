@@ -2061,12 +2061,24 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
                              kMaxRanks * sizeof(int), cudaMemcpyHostToDevice),
                   "cudaMemcpy(alive)");
   }
+  // Resident blocks per SM to count on: kBlocksPerSm, or fewer where a waiting dispatch kernel's
+  // shared memory (the routing of maxTokensPerRank tokens) leaves room for fewer.
+  int blocksPerSm = kBlocksPerSm;
+  for (int i = 0; i < 2 && status == bunEpSuccess; ++i) {
+    int resident = 0;
+    status = cuda(i == 0 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, dispatch_direct_kernel, kThreads,
+                                                                           (size_t)ctx->dispatchSendSmem)
+                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, dispatch_fused_kernel, kThreads,
+                                                                           (size_t)ctx->dispatchSendSmem),
+                  "cudaOccupancyMaxActiveBlocksPerMultiprocessor(dispatch)");
+    blocksPerSm = std::min(blocksPerSm, std::max(1, resident));
+  }
   if (status == bunEpSuccess) status = cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   if (status != bunEpSuccess) return fail(status);
   const int64_t ranksOnDevice = std::max<int64_t>(1, config->ranksOnDevice);
   const int64_t numSMs = std::max<int64_t>(1, config->numSMs);
   // Waiting blocks of all ranks on this GPU take at most half its slots: senders always fit.
-  ctx->waitingBlockBudget = (int)std::max<int64_t>(1, numSMs * kBlocksPerSm / (2 * ranksOnDevice));
+  ctx->waitingBlockBudget = (int)std::max<int64_t>(1, numSMs * blocksPerSm / (2 * ranksOnDevice));
   *context = ctx;
   return bunEpSuccess;
 }
