@@ -1,5 +1,5 @@
 // Device helpers shared by the kernels: memory-ordering loads/stores across GPUs and processes,
-// streaming 16-byte copies, and bounded spin-waits. Small functions, no macros.
+// streaming 16-byte copies, and bounded spin-waits. Small functions; one macro, for an experiment.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,7 +8,9 @@
 namespace bun_ep {
 
 // Developer experiment only: BUN_EP_NVCC_FLAGS=-DBUN_EP_ORDER_SCOPE='"gpu"' narrows every ordering
-// helper below to one device (valid only when every peer is on this GPU).
+// helper below to one device. That is valid only when every peer is on this GPU: measured -0.35 us
+// per EP2 decode dispatch on one H200 (BENCHMARKS.md, session 4), not adopted since it does nothing
+// for ranks on different GPUs.
 #ifndef BUN_EP_ORDER_SCOPE
 #define BUN_EP_ORDER_SCOPE "sys"
 #endif
