@@ -2007,6 +2007,16 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   for (int64_t r = 0; r < config->numRanks && !nvshmemTransport; ++r)
     BUN_EP_REQUIRE(config->peerBuffers[r] != 0, "peerBuffers[%lld]: expected rank %lld's buffer, got NULL",
                    (long long)r, (long long)r);
+  // Testing: BUN_EP_LL_WAITING_BLOCKS=N caps every waiting grid at N blocks, so that small shapes send
+  // several tokens per block (batched planning, next-row loads) and every waiting kernel loops.
+  int waitingBlocksCap = 0;
+  if (const char* cap = std::getenv("BUN_EP_LL_WAITING_BLOCKS"); cap != nullptr && *cap != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(cap, &end, 10);
+    BUN_EP_REQUIRE(*end == '\0' && n >= 2 && n <= (1 << 20),
+                   "BUN_EP_LL_WAITING_BLOCKS: expected an integer from 2 to 1048576 (blocks per waiting grid), got \"%s\"", cap);
+    waitingBlocksCap = (int)n;
+  }
 
   Context* ctx = new Context{};
   ctx->config = *config;
@@ -2079,6 +2089,7 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   const int64_t numSMs = std::max<int64_t>(1, config->numSMs);
   // Waiting blocks of all ranks on this GPU take at most half its slots: senders always fit.
   ctx->waitingBlockBudget = (int)std::max<int64_t>(1, numSMs * blocksPerSm / (2 * ranksOnDevice));
+  if (waitingBlocksCap > 0) ctx->waitingBlockBudget = std::min(ctx->waitingBlockBudget, waitingBlocksCap);
   *context = ctx;
   return bunEpSuccess;
 }
