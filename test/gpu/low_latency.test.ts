@@ -77,6 +77,27 @@ describeGpu(`low-latency dispatch/combine (${NUM_GPUS === 1 ? "one GPU" : `${NUM
     );
   }, 120_000);
 
+  test("several tokens per sender block: batched planning and next-row loads of the direct dispatch", async () => {
+    // 8 ranks sharing one GPU get about 32 sender blocks each: 128 tokens are 4 per block (one
+    // planning batch; hidden 7168 also takes both preloaded chunks), 512 tokens are 16 per block
+    // (two batches). Without hook, so the direct path runs. (Ranks on separate GPUs get a block per
+    // token here; BUN_EP_LL_WAITING_BLOCKS=2 forces several per block on any machine.)
+    const wide: LlShape = { numRanks: 8, maxTokensPerRank: 128, hidden: 7168, numExperts: 64, topk: 8 };
+    await withEngines(wide, (states) =>
+      expectRounds(states, wide, [
+        { seed: seedBase + 100, kind: "full", useFp8: true, zeroCopy: true },
+        { seed: seedBase + 101, kind: "masked", useFp8: true, useUe8m0: true },
+      ]),
+    );
+    const tall: LlShape = { numRanks: 8, maxTokensPerRank: 512, hidden: 1024, numExperts: 64, topk: 8 };
+    await withEngines(tall, (states) =>
+      expectRounds(states, tall, [
+        { seed: seedBase + 102, kind: "full", useFp8: true },
+        { seed: seedBase + 103, kind: "full", out: true },
+      ]),
+    );
+  }, 300_000);
+
   test("a rank masked dead is neither sent to nor waited for", async () => {
     const shape: LlShape = { numRanks: 4, maxTokensPerRank: 16, hidden: 256, numExperts: 16, topk: 4 };
     await withEngines(shape, (states) =>
