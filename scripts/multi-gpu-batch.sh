@@ -45,28 +45,8 @@ export BUN_EP_NUM_GPUS=$NUM_GPUS
 export PYTHONPATH=$ROOT/.deepep${PYTHONPATH:+:$PYTHONPATH}
 
 # step LOG NAME LIMIT_S COMMAND...   (COMMAND may be a shell function: it runs in `bash -c`)
-step() {
-  local log=$1 name=$2 limit=$3
-  shift 3
-  local left=$((DEADLINE - $(date +%s)))
-  if ((left < 20)); then
-    echo "=== $name: skipped, the time budget is spent" >> "$log"
-    printf '| %s | skipped (no time left) | - | %s |\n' "$name" "$(basename "$log")" >> "$STATUS"
-    return 0
-  fi
-  ((limit > left - 5)) && limit=$((left - 5))
-  echo "" >> "$log"
-  echo "=== $name  [limit ${limit}s, t+$(($(date +%s) - START))s]  $*" >> "$log"
-  local t0 rc
-  t0=$(date +%s)
-  timeout --kill-after=10 "$limit" bash -c "$*" >> "$log" 2>&1
-  rc=$?
-  local took=$(($(date +%s) - t0)) verdict
-  if ((rc == 0)); then verdict=pass; elif ((rc == 124 || rc == 137)); then verdict="TIMEOUT (${limit}s)"; else verdict="FAIL rc=$rc"; fi
-  echo "=== $name: $verdict in ${took}s" >> "$log"
-  printf '| %s | %s | %ss | %s |\n' "$name" "$verdict" "$took" "$(basename "$log")" >> "$STATUS"
-  return 0
-}
+# shellcheck source=scripts/batch_steps.sh
+source scripts/batch_steps.sh
 
 # ---- the steps (functions, exported so that `bash -c` under timeout sees them) -------------------
 
