@@ -8,8 +8,8 @@
 import { dlopen, ptr } from "bun:ffi";
 import { resolve } from "node:path";
 import { LocalGroup } from "../lib/group.ts";
-import { Event, type Graph } from "../lib/stream.ts";
 import { requireGpu } from "./common.ts";
+import { captureForked, timeGraph } from "./forked.ts";
 import { createEngines, makeInputs, toDevice, type LlShape, type RankState } from "../test/gpu/fixtures/ll_harness.ts";
 
 function option(name: string, fallback: string): string {
@@ -39,22 +39,12 @@ const dispatchAll = () =>
       useUe8m0: false, cumulativeRecvStats: null, waitStats: null, hook: false, asyncFinish: false, stream: st.stream.handle,
     }),
   );
-const main = states[0]!.stream;
-main.beginCapture();
-const fork = Event.create({ device: main.device }).record(main);
-for (const st of states.slice(1)) st.stream.waitEvent(fork);
-for (let i = 0; i < CALLS; i++) dispatchAll();
-for (const st of states.slice(1)) main.waitEvent(Event.create({ device: st.stream.device }).record(st.stream));
-const graph: Graph = main.endCapture();
-let ms = 0;
-for (let i = 0; i < 30; i++) {
-  const a = Event.create({ timing: true, device: main.device }).record(main);
-  graph.launch(main);
-  const b = Event.create({ timing: true, device: main.device }).record(main);
-  b.synchronize();
-  ms = a.elapsedMs(b);
-}
-for (const st of states) st.engine.checkError();
+// 30 launches; the stamps (and the time printed) are the last one's.
+const graph = captureForked(states, () => {
+  for (let i = 0; i < CALLS; i++) dispatchAll();
+});
+const ms = timeGraph(states, graph, 29, 1).at(-1)!;
+graph.close();
 console.log(`R=${R} T=${T} K=${K}: last graph ${(ms * 1000).toFixed(1)} us, ${((ms * 1000) / CALLS).toFixed(2)} us per call`);
 
 const buf = new BigUint64Array(CALLS_T * RANKS_T * BLOCKS_T * POINTS_T);

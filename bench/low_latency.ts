@@ -21,11 +21,12 @@
 
 import { check, native } from "../lib/ffi.ts";
 import { LocalGroup } from "../lib/group.ts";
-import { deviceProps, Event, Stream, type Graph } from "../lib/stream.ts";
+import { deviceProps } from "../lib/stream.ts";
 import { DeviceTensor } from "../lib/tensor.ts";
 import type { LowLatencyDispatchResult } from "../lib/backend/types.ts";
 import { createEngines, makeInputs, toDevice, type LlShape, type RankState } from "../test/gpu/fixtures/ll_harness.ts";
 import { describeDevices, markdownTable, median, requireGpu, writeResults, type Row } from "./common.ts";
+import { capturedMs, timeForked } from "./forked.ts";
 
 function option(name: string, fallback: string): string {
   const i = process.argv.indexOf(name);
@@ -53,68 +54,19 @@ interface RankData {
   topkWeights: DeviceTensor<"f32">;
 }
 
-/** Time `enqueue` (work forked over every rank's stream) from stream 0: ms per iteration. */
-function timeForked(states: RankState[], enqueue: () => void, iterations: number): number[] {
-  const main = states[0]!.stream;
-  const samples: number[] = [];
-  for (let i = 0; i < WARMUP + iterations; i++) {
-    const start = Event.create({ timing: true, device: main.device }).record(main);
-    for (const st of states.slice(1)) st.stream.waitEvent(start);
-    enqueue();
-    const joins = states.slice(1).map((st) => Event.create({ device: st.stream.device }).record(st.stream));
-    for (const j of joins) main.waitEvent(j);
-    const end = Event.create({ timing: true, device: main.device }).record(main);
-    end.synchronize();
-    if (i >= WARMUP) samples.push(start.elapsedMs(end));
-    for (const e of [start, end, ...joins]) e.close();
-  }
-  for (const st of states) st.engine.checkError();
-  return samples;
-}
+/** Median ms of `enqueue` forked over `states`' streams, plainly launched with events. */
+const eventsMs = (states: RankState[], enqueue: () => void): number => median(timeForked(states, enqueue, ITERATIONS, WARMUP));
+/** Median ms per call of `enqueue` (which enqueues `calls` calls) captured as one forked graph. */
+const graphMs = (states: RankState[], enqueue: () => void, calls = 1): number => capturedMs(states, enqueue, ITERATIONS, WARMUP, calls);
 
-/** Capture `enqueue` forked over all ranks' streams into one graph. */
-function captureForked(states: RankState[], enqueue: () => void): Graph {
-  const main = states[0]!.stream;
-  main.beginCapture();
-  const fork = Event.create({ device: main.device }).record(main);
-  for (const st of states.slice(1)) st.stream.waitEvent(fork);
-  enqueue();
-  for (const st of states.slice(1)) main.waitEvent(Event.create({ device: st.stream.device }).record(st.stream));
-  return main.endCapture();
-}
-
-function timeGraph(states: RankState[], graph: Graph, iterations: number): number[] {
-  const main = states[0]!.stream;
-  const samples: number[] = [];
-  for (let i = 0; i < WARMUP + iterations; i++) {
-    const start = Event.create({ timing: true, device: main.device }).record(main);
-    graph.launch(main);
-    const end = Event.create({ timing: true, device: main.device }).record(main);
-    end.synchronize();
-    if (i >= WARMUP) samples.push(start.elapsedMs(end));
-    start.close();
-    end.close();
-  }
-  for (const st of states) st.engine.checkError();
-  return samples;
-}
-
-function copyMs(bytes: number, stream: Stream): number {
+function copyMs(bytes: number, state: RankState): number {
+  const stream = state.stream;
   const src = DeviceTensor.zeros("u8", [bytes], { device: stream.device, stream });
   const dst = DeviceTensor.zeros("u8", [bytes], { device: stream.device, stream });
-  const samples: number[] = [];
-  for (let i = 0; i < WARMUP + ITERATIONS; i++) {
-    const start = Event.create({ timing: true, device: stream.device }).record(stream);
-    check(lib.bun_ep_debug_copy_bytes(dst.ptr, src.ptr, bytes, 0, stream.handle), "copy");
-    const end = Event.create({ timing: true, device: stream.device }).record(stream);
-    end.synchronize();
-    if (i >= WARMUP) samples.push(start.elapsedMs(end));
-    start.close();
-    end.close();
-  }
+  const ms = eventsMs([state], () => check(lib.bun_ep_debug_copy_bytes(dst.ptr, src.ptr, bytes, 0, stream.handle), "copy"));
   src.free();
   dst.free();
-  return median(samples);
+  return ms;
 }
 
 /** The same bytes moved by a plain copy kernel per rank (each rank copies its 1/R share on its own
@@ -129,15 +81,11 @@ function copyForked(states: RankState[], totalBytes: number): { events: number; 
   }));
   const copyAll = () =>
     states.forEach((st, r) => check(lib.bun_ep_debug_copy_bytes(buffers[r]!.dst.ptr, buffers[r]!.src.ptr, share, blocks, st.stream.handle), "copy"));
-  const events = median(timeForked(states, copyAll, ITERATIONS));
-  const one = captureForked(states, copyAll);
-  const graph = median(timeGraph(states, one, ITERATIONS));
-  one.close();
-  const many = captureForked(states, () => {
+  const events = eventsMs(states, copyAll);
+  const graph = graphMs(states, copyAll);
+  const graphPerCall = graphMs(states, () => {
     for (let i = 0; i < CALLS_PER_GRAPH; i++) copyAll();
-  });
-  const graphPerCall = median(timeGraph(states, many, ITERATIONS)) / CALLS_PER_GRAPH;
-  many.close();
+  }, CALLS_PER_GRAPH);
   for (const st of states) st.stream.synchronize();
   for (const b of buffers) {
     b.src.free();
@@ -201,9 +149,8 @@ async function benchShape(
   const combineBytes = pairs * H * 2;
   // Ceilings: one copy kernel of all the bytes on rank 0's stream (plain launch, events), and the
   // same bytes copied by every rank's own kernel, launched exactly as each row of ours is (copyUs).
-  const copyStream = states[0]!.stream;
   const ceilings = { dispatch: copyForked(states, dispatchBytes), combine: copyForked(states, combineBytes) };
-  const single = { dispatch: copyMs(dispatchBytes, copyStream), combine: copyMs(combineBytes, copyStream) };
+  const single = { dispatch: copyMs(dispatchBytes, states[0]!), combine: copyMs(combineBytes, states[0]!) };
 
   const row = (op: string, mode: string, ms: number, bytes: number): void => {
     const which = op.startsWith("dispatch") ? "dispatch" : op.startsWith("combine") ? "combine" : null;
@@ -218,68 +165,55 @@ async function benchShape(
     });
   };
   if (opts.events) {
-    row("dispatch", "events", median(timeForked(states, () => dispatchAll(), ITERATIONS)), dispatchBytes);
+    row("dispatch", "events", eventsMs(states, () => dispatchAll()), dispatchBytes);
     dispatchAll();
     for (const st of states) st.stream.synchronize();
     const results = last;
-    row("combine", "events", median(timeForked(states, () => combineAll(results), ITERATIONS)), combineBytes);
+    row("combine", "events", eventsMs(states, () => combineAll(results)), combineBytes);
   }
   // Graphs: dispatch alone, then combine alone (of the dispatch captured just before).
-  const dispatchGraph = captureForked(states, () => dispatchAll(false));
+  row("dispatch", "graph", graphMs(states, () => dispatchAll(false)), dispatchBytes);
   const captured = last;
-  row("dispatch", "graph", median(timeGraph(states, dispatchGraph, ITERATIONS)), dispatchBytes);
-  const combineGraph = captureForked(states, () => combineAll(captured));
-  row("combine", "graph", median(timeGraph(states, combineGraph, ITERATIONS)), combineBytes);
-  dispatchGraph.close();
-  combineGraph.close();
+  row("combine", "graph", graphMs(states, () => combineAll(captured)), combineBytes);
 
   if (opts.breakdown) {
     // Where a tiny call's time goes. (1) The same forked graph with an empty kernel per rank: what
     // graph launch, fork and join cost by themselves. (2) CALLS_PER_GRAPH calls captured back to back
     // in one graph, per call: what each call costs inside a decode step's graph (many layers), the
     // graph's own launch spread over them.
-    const empty = captureForked(states, () =>
-      states.forEach((st) => check(lib.bun_ep_debug_spin(0n, st.stream.handle), "empty kernel")),
-    );
-    row("empty kernel per rank (graph overhead)", "graph", median(timeGraph(states, empty, ITERATIONS)), 0);
-    empty.close();
-    const emptyMany = captureForked(states, () => {
-      for (let i = 0; i < CALLS_PER_GRAPH; i++)
-        states.forEach((st) => check(lib.bun_ep_debug_spin(0n, st.stream.handle), "empty kernel"));
-    });
-    row(`empty kernel per rank`, `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, emptyMany, ITERATIONS)) / CALLS_PER_GRAPH, 0);
-    emptyMany.close();
+    const emptyKernels = () => states.forEach((st) => check(lib.bun_ep_debug_spin(0n, st.stream.handle), "empty kernel"));
+    row("empty kernel per rank (graph overhead)", "graph", graphMs(states, emptyKernels), 0);
+    const emptyMany = () => {
+      for (let i = 0; i < CALLS_PER_GRAPH; i++) emptyKernels();
+    };
+    row(`empty kernel per rank`, `graph of ${CALLS_PER_GRAPH}, per call`, graphMs(states, emptyMany, CALLS_PER_GRAPH), 0);
     // The last two dispatches (one per buffer parity) feed the combines, which alternate between
     // them as two micro-batches do (back-to-back combines of ONE handle need a dispatch between).
     const lastTwo: LowLatencyDispatchResult[][] = [];
-    const manyDispatch = captureForked(states, () => {
+    const manyDispatch = () => {
       for (let i = 0; i < CALLS_PER_GRAPH; i++) lastTwo.push(dispatchAll(false));
-    });
-    row("dispatch", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyDispatch, ITERATIONS)) / CALLS_PER_GRAPH, dispatchBytes);
-    manyDispatch.close();
+    };
+    row("dispatch", `graph of ${CALLS_PER_GRAPH}, per call`, graphMs(states, manyDispatch, CALLS_PER_GRAPH), dispatchBytes);
     const pair = lastTwo.slice(-2);
-    const manyCombine = captureForked(states, () => {
+    const manyCombine = () => {
       for (let i = 0; i < CALLS_PER_GRAPH; i++) combineAll(pair[i % 2]!);
-    });
-    row("combine", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyCombine, ITERATIONS)) / CALLS_PER_GRAPH, combineBytes);
-    manyCombine.close();
+    };
+    row("combine", `graph of ${CALLS_PER_GRAPH}, per call`, graphMs(states, manyCombine, CALLS_PER_GRAPH), combineBytes);
     // The hook path's own cost: send then hook() at once (nothing to overlap), per call.
     const hooked: LowLatencyDispatchResult[][] = [];
-    const manyHookDispatch = captureForked(states, () => {
+    const manyHookDispatch = () => {
       for (let i = 0; i < CALLS_PER_GRAPH; i++) {
         const results = dispatchAll(true);
         for (const r of results) r.hook();
         hooked.push(results);
       }
-    });
-    row("dispatch send + hook()", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyHookDispatch, ITERATIONS)) / CALLS_PER_GRAPH, dispatchBytes);
-    manyHookDispatch.close();
+    };
+    row("dispatch send + hook()", `graph of ${CALLS_PER_GRAPH}, per call`, graphMs(states, manyHookDispatch, CALLS_PER_GRAPH), dispatchBytes);
     const hookedPair = hooked.slice(-2);
-    const manyHookCombine = captureForked(states, () => {
+    const manyHookCombine = () => {
       for (let i = 0; i < CALLS_PER_GRAPH; i++) for (const c of combineAll(hookedPair[i % 2]!, true)) c.hook();
-    });
-    row("combine send + hook()", `graph of ${CALLS_PER_GRAPH}, per call`, median(timeGraph(states, manyHookCombine, ITERATIONS)) / CALLS_PER_GRAPH, combineBytes);
-    manyHookCombine.close();
+    };
+    row("combine send + hook()", `graph of ${CALLS_PER_GRAPH}, per call`, graphMs(states, manyHookCombine, CALLS_PER_GRAPH), combineBytes);
   }
 
   if (opts.overlap) {
@@ -334,13 +268,7 @@ async function benchShape(
       const what = kind === "spin" ? `${COMPUTE_US} us spin (no SM, no memory)` : `full-GPU copy of ${COMPUTE_COPY_BYTES / 2 ** 20} MiB per rank`;
       const op = `step(2 micro-batches, 4 x ${what})`;
       for (const timing of ["events", "graph"] as const) {
-        const time = (fn: () => void): number => {
-          if (timing === "events") return median(timeForked(states, fn, ITERATIONS));
-          const graph = captureForked(states, fn);
-          const ms = median(timeGraph(states, graph, ITERATIONS));
-          graph.close();
-          return ms;
-        };
+        const time = (fn: () => void): number => (timing === "events" ? eventsMs(states, fn) : graphMs(states, fn));
         const alone = time(computeOnly);
         const without = time(stepWithout);
         const withHooks = time(stepWith);

@@ -1,5 +1,5 @@
 // Device helpers shared by the kernels: memory-ordering loads/stores across GPUs and processes,
-// streaming 16-byte copies, and bounded spin-waits. Small functions; one macro, for an experiment.
+// streaming 16-byte copies, and bounded spin-waits. Small functions, no macros.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,23 +7,15 @@
 
 namespace bun_ep {
 
-// Developer experiment only: BUN_EP_NVCC_FLAGS=-DBUN_EP_ORDER_SCOPE='"gpu"' narrows every ordering
-// helper below to one device. That is valid only when every peer is on this GPU: measured -0.35 us
-// per EP2 decode dispatch on one H200 (BENCHMARKS.md, session 4), not adopted since it does nothing
-// for ranks on different GPUs.
-#ifndef BUN_EP_ORDER_SCOPE
-#define BUN_EP_ORDER_SCOPE "sys"
-#endif
-
 // ---- ordering (system scope: peers may be other processes or other GPUs) ----------------------
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
   int v;
-  asm volatile("ld.acquire." BUN_EP_ORDER_SCOPE ".global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 __device__ __forceinline__ int64_t ld_acquire_sys(const int64_t* p) {
   int64_t v;
-  asm volatile("ld.acquire." BUN_EP_ORDER_SCOPE ".global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 __device__ __forceinline__ int ld_volatile(const int* p) {
@@ -32,33 +24,33 @@ __device__ __forceinline__ int ld_volatile(const int* p) {
   return v;
 }
 __device__ __forceinline__ void st_release_sys(int* p, int v) {
-  asm volatile("st.release." BUN_EP_ORDER_SCOPE ".global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+  asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 __device__ __forceinline__ void st_relaxed_sys(int* p, int v) {
-  asm volatile("st.relaxed." BUN_EP_ORDER_SCOPE ".global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+  asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 // 64-bit words that carry (call number << 32 | count): relaxed where the number alone matters.
 __device__ __forceinline__ int64_t ld_relaxed_sys(const int64_t* p) {
   int64_t v;
-  asm volatile("ld.relaxed." BUN_EP_ORDER_SCOPE ".global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 __device__ __forceinline__ void st_release_sys(int64_t* p, int64_t v) {
-  asm volatile("st.release." BUN_EP_ORDER_SCOPE ".global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+  asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ void st_relaxed_sys(int64_t* p, int64_t v) {
-  asm volatile("st.relaxed." BUN_EP_ORDER_SCOPE ".global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+  asm volatile("st.relaxed.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
   int old;
-  asm volatile("atom.add.release." BUN_EP_ORDER_SCOPE ".global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  asm volatile("atom.add.release.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
-__device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel." BUN_EP_ORDER_SCOPE ";" ::: "memory"); }
+__device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 // Adds `v` after every write this thread made, or saw made (a __syncthreads before it covers the
 // whole block's writes), is visible system-wide: a release reduction, no value returned.
 __device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("red.release." BUN_EP_ORDER_SCOPE ".global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 // ---- streaming copies ---------------------------------------------------------------------------
