@@ -90,7 +90,6 @@ constexpr int kMaxTokenSplits = 4;
 // (H100/H200 have 3 async copy engines; a fourth stream keeps one queued).
 constexpr int kMaxCopyRanks = 16;
 constexpr int kMaxCopyStreams = 4;
-constexpr int kHardwareQueues = 32;  // CUDA_DEVICE_MAX_CONNECTIONS as runtime.cu sets it
 
 // Developer phase trace, off in normal builds (build with BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE):
 // thread 0 of each block of the direct dispatch stamps the global timer at the end of each phase,
@@ -1903,12 +1902,7 @@ bunEpResult_t create_copy_engines(Context* ctx) {
   ctx->copyEngines = copy_engines_fit(ctx->config) && !(mode != nullptr && std::strcmp(mode, "0") == 0);
   ctx->copyEnginesWithoutHook = ctx->copyEngines && mode != nullptr && std::strcmp(mode, "all") == 0;
   if (!ctx->copyEngines) return bunEpSuccess;
-  // Ranks sharing this GPU keep their streams together within the 32 hardware queues (runtime.cu):
-  // a rank's stream plus its side streams, so that no side stream shares a queue with a peer's.
-  const int64_t ranksOnDevice = std::max<int64_t>(1, ctx->config.ranksOnDevice);
-  const int64_t sideStreamsFit = std::max<int64_t>(1, kHardwareQueues / ranksOnDevice - 1);
-  ctx->numCopyStreams = (int)std::max<int64_t>(
-      1, std::min<int64_t>({(int64_t)kMaxCopyStreams, ctx->config.numRanks - 1, sideStreamsFit}));
+  ctx->numCopyStreams = (int)std::max<int64_t>(1, std::min<int64_t>(kMaxCopyStreams, ctx->config.numRanks - 1));
   for (int i = 0; i < ctx->numCopyStreams; ++i)
     BUN_EP_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->copyStreams[i], cudaStreamNonBlocking));
   for (int parity = 0; parity < 2; ++parity) {

@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -21,13 +20,6 @@ namespace bun_ep {
 namespace {
 
 thread_local std::string last_error_message;
-
-// Ranks of one process that share a GPU wait on each other from separate streams. CUDA maps
-// streams onto CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 by default, 32 at most); two ranks'
-// streams on one queue can serialise, and a kernel waiting for a peer then blocks that peer's
-// work behind it. 32 queues unless the user chose otherwise; read when the CUDA context is made,
-// so this runs when the library loads, before any CUDA call of ours.
-__attribute__((constructor)) void widen_hardware_queues() { setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0); }
 
 uint64_t& registered_feature_bits() {
   static uint64_t bits = 0;  // function-local: safe from static-initialisation order across files

@@ -34,7 +34,14 @@ async function withEngines<T>(shape: LlShape, fn: (states: RankState[]) => T | P
 function expectRounds(states: RankState[], shape: LlShape, rounds: RoundOptions[]): void {
   const ranks = states.map((_, r) => r);
   for (const round of rounds) {
-    const problems = runRound(states, ranks, shape, round);
+    let problems: string[];
+    try {
+      problems = runRound(states, ranks, shape, round);
+    } catch (error) {
+      // A timeout or CUDA error throws: say which round of which shape.
+      console.error(`round ${JSON.stringify(round)} of ${JSON.stringify(shape)} threw`);
+      throw error;
+    }
     if (problems.length > 0) console.error(`seed ${round.seed}:`, JSON.stringify(round), problems.join("\n"));
     expect(problems).toEqual([]);
   }
@@ -94,6 +101,9 @@ describeGpu(`low-latency dispatch/combine (${NUM_GPUS === 1 ? "one GPU" : `${NUM
       expectRounds(states, tall, [
         { seed: seedBase + 102, kind: "full", useFp8: true },
         { seed: seedBase + 103, kind: "full", out: true },
+        // The hook path (copy engines) at these sizes too: all sends, then all hooks.
+        { seed: seedBase + 104, kind: "full", useFp8: true, hook: true },
+        { seed: seedBase + 105, kind: "masked", hook: true, zeroCopy: true },
       ]),
     );
   }, 300_000);
