@@ -83,6 +83,11 @@ for (const c of calls.slice(-3)) {
       const xs = (p === 0 || p === 7 ? used : senderBlocks).map((b) => rel(b, p));
       parts.push(`${names[p]} ${q(xs, 0).toFixed(2)}/${q(xs, 0.5).toFixed(2)}/${q(xs, 1).toFixed(2)}`);
     }
+    // Inside the first batch's planning of sender blocks: earlier tokens counted (thread 0), waits done.
+    for (const [p, name] of [[8, "counted"], [9, "waited"]] as const) {
+      const xs = senderBlocks.map((b) => rel(b, p));
+      parts.push(`${name} ${q(xs, 0).toFixed(2)}/${q(xs, 0.5).toFixed(2)}/${q(xs, 1).toFixed(2)}`);
+    }
     console.log(`  rank ${r} (min/med/max us from call start): ${parts.join(" | ")} | rcv ${rcv} entry ${rel(rcv, 0).toFixed(2)} end ${rel(rcv, 7).toFixed(2)}`);
   }
 }

@@ -1010,6 +1010,7 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
   }
   __syncthreads();
   for (int j = 0; j < n; ++j) count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j]);
+  if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 8);  // sender blocks' points 8 and 9: first batch only
   // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
   // owner's own word is awaited too: the owner has then started this call, so it is done (in its
   // stream order) with whatever it did with this parity's outputs before.
@@ -1021,6 +1022,7 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
     if (s < me && count != 0) atomicAdd(&s_begin[j][k], count);
   }
   __syncthreads();
+  if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 9);
   for (int i = threadIdx.x; i < n * K; i += blockDim.x) {
     const int j = i / K, k = i % K, t = tFirst + j * stride;
     const int e = s_topk[t * K + k];
@@ -2061,6 +2063,28 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
       status = cuda(cudaFuncSetAttribute(dispatch_direct_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          200 * 1024),
                     "cudaFuncSetAttribute(dispatch_direct_kernel)");
+  }
+  // One shared-memory carveout for every kernel here: an SM takes a block only where its L1/shared
+  // split (set when the SM was idle) leaves room. Ranks sharing a GPU whose waiting blocks hold
+  // every SM with a small split (4 x 33 blocks of a small receive kernel on 132 SMs) left no SM for
+  // a peer's send kernel with 17 KB of shared memory: the receive kernels waited for it until the
+  // timeout (8 ranks, 512 tokens, BUN_EP_LL_COPY_ENGINES=all). The same split everywhere fits any.
+  if (status == bunEpSuccess) {
+    const auto carveout = [&](const void* kernel, const char* name) {
+      if (status == bunEpSuccess)
+        status = cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared),
+                      name);
+    };
+    carveout((const void*)dispatch_send_kernel, "cudaFuncSetAttribute(dispatch_send_kernel, carveout)");
+    carveout((const void*)dispatch_recv_kernel, "cudaFuncSetAttribute(dispatch_recv_kernel, carveout)");
+    carveout((const void*)dispatch_direct_kernel, "cudaFuncSetAttribute(dispatch_direct_kernel, carveout)");
+    carveout((const void*)dispatch_fused_kernel, "cudaFuncSetAttribute(dispatch_fused_kernel, carveout)");
+    carveout((const void*)dispatch_blob_send_kernel, "cudaFuncSetAttribute(dispatch_blob_send_kernel, carveout)");
+    carveout((const void*)dispatch_blob_recv_kernel, "cudaFuncSetAttribute(dispatch_blob_recv_kernel, carveout)");
+    carveout((const void*)combine_send_kernel, "cudaFuncSetAttribute(combine_send_kernel, carveout)");
+    carveout((const void*)combine_recv_kernel, "cudaFuncSetAttribute(combine_recv_kernel, carveout)");
+    carveout((const void*)combine_fused_kernel, "cudaFuncSetAttribute(combine_fused_kernel, carveout)");
   }
   if (status == bunEpSuccess) status = create_copy_engines(ctx);
   if (status == bunEpSuccess) status = clear_flags(ctx, 0);
