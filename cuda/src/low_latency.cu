@@ -1983,17 +1983,21 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
   return bunEpSuccess;
 }
 
-// One shared-memory carveout (L1/shared split) for every kernel here. An SM takes a block only
-// where the split it was given when idle leaves room, and waiting blocks of ranks sharing a GPU can
-// hold every SM: 4 ranks x 33 blocks of the copy-engine receive kernel on 132 SMs left no SM split
-// large enough for a peer's send kernel (17 KB of shared memory), and the receive kernels waited for
-// it until the timeout (8 ranks, 512 tokens, BUN_EP_LL_COPY_ENGINES=all; device run 3). A split
-// that fits kBlocksPerSm blocks of the largest of them fits any mix. Not the largest split: it
-// leaves 28 KB of L1, and the combine was 8-14% slower with it (device run 4). Per process, the
-// largest any buffer needed so far (the attribute is per kernel, not per buffer).
-bunEpResult_t set_shared_carveout(int device, int64_t dynamicSmem) {
+// Ranks sharing a GPU: the largest shared-memory carveout (L1/shared split) for every kernel here.
+// An SM takes a block only where the split it was given when idle leaves room, and waiting blocks
+// of several ranks can hold every SM: 4 ranks x 33 blocks of the copy-engine receive kernel on 132
+// SMs left no SM split large enough for a peer's send kernel (17 KB of shared memory), and the
+// receive kernels waited for it until the timeout (8 ranks, 512 tokens, BUN_EP_LL_COPY_ENGINES=all;
+// device run 3). One split for all cures it (run 4), but only the largest is sure to be the same
+// for every kernel: a preference sized to 4 blocks of the largest kernel did not cure it (run 5).
+// Its cost: 28 KB of L1, and the combine 8-14% slower (run 4). A rank alone on its GPU waits
+// only on other GPUs, so it keeps the driver's choice. The attribute is per kernel, per process.
+bunEpResult_t set_shared_carveout(int64_t ranksOnDevice) {
   static std::mutex mutex;
-  static int percentSet = 0;
+  static bool set = false;
+  if (ranksOnDevice <= 1) return bunEpSuccess;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (set) return bunEpSuccess;
   const void* kernels[] = {
       (const void*)dispatch_send_kernel,      (const void*)dispatch_recv_kernel,
       (const void*)dispatch_direct_kernel,    (const void*)dispatch_fused_kernel,
@@ -2001,23 +2005,10 @@ bunEpResult_t set_shared_carveout(int device, int64_t dynamicSmem) {
       (const void*)combine_send_kernel,       (const void*)combine_recv_kernel,
       (const void*)combine_fused_kernel,
   };
-  int64_t staticSmem = 0;
-  for (const void* kernel : kernels) {
-    cudaFuncAttributes attributes{};
-    BUN_EP_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    staticSmem = std::max<int64_t>(staticSmem, (int64_t)attributes.sharedSizeBytes);
-  }
-  int perSm = 0, reserved = 0;
-  BUN_EP_CUDA_CHECK(cudaDeviceGetAttribute(&perSm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  BUN_EP_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-  // Every dynamic size here is at most the dispatch's (routing of maxTokensPerRank tokens + counts).
-  const int64_t needed = (int64_t)kBlocksPerSm * (staticSmem + dynamicSmem + reserved);
-  const int percent = (int)std::min<int64_t>(100, (needed * 100 + perSm - 1) / std::max(1, perSm));
-  std::lock_guard<std::mutex> lock(mutex);
-  if (percent <= percentSet) return bunEpSuccess;
   for (const void* kernel : kernels)
-    BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
-  percentSet = percent;
+    BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared));
+  set = true;
   return bunEpSuccess;
 }
 
@@ -2103,7 +2094,7 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
                                          200 * 1024),
                     "cudaFuncSetAttribute(dispatch_direct_kernel)");
   }
-  if (status == bunEpSuccess) status = set_shared_carveout(ctx->device, ctx->dispatchSendSmem);
+  if (status == bunEpSuccess) status = set_shared_carveout(config->ranksOnDevice);
   if (status == bunEpSuccess) status = create_copy_engines(ctx);
   if (status == bunEpSuccess) status = clear_flags(ctx, 0);
   if (status == bunEpSuccess) {
