@@ -1985,13 +1985,14 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
 
 // Ranks sharing a GPU: the largest shared-memory carveout (L1/shared split) for every kernel here.
 // An SM takes a block only where the split it was given when idle leaves room, and waiting blocks
-// of several ranks can hold every SM: 4 ranks x 33 blocks of the copy-engine receive kernel on 132
-// SMs left no SM split large enough for a peer's send kernel (17 KB of shared memory), and the
-// receive kernels waited for it until the timeout (8 ranks, 512 tokens, BUN_EP_LL_COPY_ENGINES=all;
-// device run 3). One split for all cures it (run 4), but only the largest is sure to be the same
-// for every kernel: a preference sized to 4 blocks of the largest kernel did not cure it (run 5).
-// Its cost: 28 KB of L1, and the combine 8-14% slower (run 4). A rank alone on its GPU waits
-// only on other GPUs, so it keeps the driver's choice. The attribute is per kernel, per process.
+// of several ranks can hold every SM (the budget bounds their count, not the SMs they land on).
+// With BUN_EP_LL_COPY_ENGINES=all, 4 ranks x 33 blocks of the small receive kernel on 132 SMs left
+// no SM split large enough for a peer's send kernel (17 KB of shared memory), and they waited for
+// it until the timeout (8 ranks, 512 tokens; device run 3). A peer's own compute kernel between
+// dispatch and combine (a GEMM with much shared memory) can meet the same. One split for all cured
+// it (run 4); a preference sized to our need did not (run 5). Its cost: 28 KB of L1, the combine
+// 8-14% slower on one GPU (run 4). A rank alone on its GPU waits only on other GPUs, so it keeps
+// the driver's choice. The attribute is per kernel, per process.
 bunEpResult_t set_shared_carveout(int64_t ranksOnDevice) {
   static std::mutex mutex;
   static bool set = false;
