@@ -30,11 +30,18 @@ export function timeForked(states: RankState[], enqueue: () => void, iterations:
 export function captureForked(states: RankState[], enqueue: () => void): Graph {
   const main = states[0]!.stream;
   main.beginCapture();
-  const fork = Event.create({ device: main.device }).record(main);
-  for (const st of states.slice(1)) st.stream.waitEvent(fork);
+  // The graph keeps its own record and wait nodes: the events are closed once it is captured.
+  const events = [Event.create({ device: main.device }).record(main)];
+  for (const st of states.slice(1)) st.stream.waitEvent(events[0]!);
   enqueue();
-  for (const st of states.slice(1)) main.waitEvent(Event.create({ device: st.stream.device }).record(st.stream));
-  return main.endCapture();
+  for (const st of states.slice(1)) {
+    const join = Event.create({ device: st.stream.device }).record(st.stream);
+    events.push(join);
+    main.waitEvent(join);
+  }
+  const graph = main.endCapture();
+  for (const e of events) e.close();
+  return graph;
 }
 
 /** Launch `graph` on stream 0: ms per launch, after `warmup` untimed launches. */
