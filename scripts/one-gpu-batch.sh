@@ -15,6 +15,7 @@
 #   tests.log          every test run, whole
 #   bench.log          bench/low_latency.ts, the decode example and its HTTP self-test
 #   low_latency.json   the benchmark's results (bench/results/low_latency.json of this run)
+# (6 files: the device brings back at most 8 from $OUT, so add at most 2.)
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-/tmp/one-gpu-out}
@@ -60,6 +61,9 @@ mps_stop >> "$SETUP_LOG" 2>&1
   echo
   echo "## test counts, in step order"
   grep -E '^=== |^ *[0-9]+ (pass|fail|skip)$' "$TESTS_LOG" | grep -v ': pass in\|: FAIL\|: TIMEOUT' | sed 's/  \[limit.*//'
+  echo
+  echo "## failed tests (and rounds that threw), in step order"
+  grep -E '^=== |^\(fail\)|threw$|^BunEpError' "$TESTS_LOG" | grep -v ': pass in' | sed 's/  \[limit.*//' | cut -c1-400
   echo
   echo "## bench/low_latency.ts, graph rows"
   grep -E '^\| [^|]+ \| [0-9] \| (dispatch|combine)[^|]* \| graph' "$BENCH_LOG" || echo "(none)"
