@@ -1993,10 +1993,21 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
 // it (run 4); a preference sized to our need did not (run 5). Its cost: 28 KB of L1, the combine
 // 8-14% slower on one GPU (run 4). A rank alone on its GPU waits only on other GPUs, so it keeps
 // the driver's choice. The attribute is per kernel, per process.
+// Testing: BUN_EP_LL_CARVEOUT=N (0..100) sets N percent for every kernel, however many ranks share
+// the GPU (to measure a split's cost, or whether it keeps ranks sharing a GPU apart).
 bunEpResult_t set_shared_carveout(int64_t ranksOnDevice) {
   static std::mutex mutex;
   static bool set = false;
-  if (ranksOnDevice <= 1) return bunEpSuccess;
+  int percent = ranksOnDevice > 1 ? (int)cudaSharedmemCarveoutMaxShared : -1;
+  if (const char* value = std::getenv("BUN_EP_LL_CARVEOUT"); value != nullptr && *value != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(value, &end, 10);
+    BUN_EP_REQUIRE(*end == '\0' && n >= 0 && n <= 100,
+                   "BUN_EP_LL_CARVEOUT: expected an integer from 0 to 100 (percent of the SM's shared memory), got \"%s\"",
+                   value);
+    percent = (int)n;
+  }
+  if (percent < 0) return bunEpSuccess;
   std::lock_guard<std::mutex> lock(mutex);
   if (set) return bunEpSuccess;
   const void* kernels[] = {
@@ -2007,8 +2018,7 @@ bunEpResult_t set_shared_carveout(int64_t ranksOnDevice) {
       (const void*)combine_fused_kernel,
   };
   for (const void* kernel : kernels)
-    BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                           (int)cudaSharedmemCarveoutMaxShared));
+    BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
   set = true;
   return bunEpSuccess;
 }
