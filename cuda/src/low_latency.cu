@@ -1988,16 +1988,16 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
 // of several ranks can hold every SM (the budget bounds their count, not the SMs they land on).
 // With BUN_EP_LL_COPY_ENGINES=all, 4 ranks x 33 blocks of the small receive kernel on 132 SMs left
 // no SM split large enough for a peer's send kernel (17 KB of shared memory), and they waited for
-// it until the timeout (8 ranks, 512 tokens; device run 3). A peer's own compute kernel between
-// dispatch and combine (a GEMM with much shared memory) can meet the same. One split for all cured
-// it (run 4); a preference sized to our need did not (run 5). Its cost: 28 KB of L1, the combine
-// 8-14% slower on one GPU (run 4). A rank alone on its GPU waits only on other GPUs, so it keeps
-// the driver's choice. The attribute is per kernel, per process.
+// it until the timeout (8 ranks, 512 tokens; H200, BENCHMARKS.md "session 5"). A peer's own compute
+// kernel between dispatch and combine (a GEMM with much shared memory) can meet the same. One
+// split for all cured it; a preference sized to our need did not. Its cost: 28 KB of L1, the
+// combine 8-14% slower on one GPU. A rank alone on its GPU waits only on other GPUs, so it keeps
+// the driver's choice. The attribute is per kernel and device, set once per process.
 // Testing: BUN_EP_LL_CARVEOUT=N (0..100) sets N percent for every kernel, however many ranks share
 // the GPU (to measure a split's cost, or whether it keeps ranks sharing a GPU apart).
-bunEpResult_t set_shared_carveout(int64_t ranksOnDevice) {
+bunEpResult_t set_shared_carveout(int device, int64_t ranksOnDevice) {
   static std::mutex mutex;
-  static bool set = false;
+  static uint64_t devicesSet = 0;  // bit d: device d has its carveout
   int percent = ranksOnDevice > 1 ? (int)cudaSharedmemCarveoutMaxShared : -1;
   if (const char* value = std::getenv("BUN_EP_LL_CARVEOUT"); value != nullptr && *value != '\0') {
     char* end = nullptr;
@@ -2008,8 +2008,9 @@ bunEpResult_t set_shared_carveout(int64_t ranksOnDevice) {
     percent = (int)n;
   }
   if (percent < 0) return bunEpSuccess;
+  const uint64_t bit = device >= 0 && device < 64 ? 1ull << device : 0;
   std::lock_guard<std::mutex> lock(mutex);
-  if (set) return bunEpSuccess;
+  if ((devicesSet & bit) != 0) return bunEpSuccess;
   const void* kernels[] = {
       (const void*)dispatch_send_kernel,      (const void*)dispatch_recv_kernel,
       (const void*)dispatch_direct_kernel,    (const void*)dispatch_fused_kernel,
@@ -2019,7 +2020,7 @@ bunEpResult_t set_shared_carveout(int64_t ranksOnDevice) {
   };
   for (const void* kernel : kernels)
     BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
-  set = true;
+  devicesSet |= bit;
   return bunEpSuccess;
 }
 
@@ -2105,7 +2106,7 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
                                          200 * 1024),
                     "cudaFuncSetAttribute(dispatch_direct_kernel)");
   }
-  if (status == bunEpSuccess) status = set_shared_carveout(config->ranksOnDevice);
+  if (status == bunEpSuccess) status = set_shared_carveout(ctx->device, config->ranksOnDevice);
   if (status == bunEpSuccess) status = create_copy_engines(ctx);
   if (status == bunEpSuccess) status = clear_flags(ctx, 0);
   if (status == bunEpSuccess) {
