@@ -24,7 +24,9 @@ START=$(date +%s)
 DEADLINE=$((START + ${BATCH_BUDGET_S:-540}))
 SETUP_LOG=$OUT/setup.log TESTS_LOG=$OUT/tests.log BENCH_LOG=$OUT/bench.log
 STATUS=$OUT/status.md
-# The device's copy of .git may lag the working tree it was sent with: pass BUN_EP_COMMIT to name it.
+# The device's copy of .git lags the working tree it was sent with (its HEAD was an older commit in
+# every run of 2026-12-01): name the commit from here, e.g. command "BUN_EP_COMMIT=$(git rev-parse
+# --short HEAD) bash ..." with the hash written out, since $(...) would run on the device.
 COMMIT=${BUN_EP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}
 
 # shellcheck disable=SC1091
