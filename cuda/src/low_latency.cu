@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common.cuh"
@@ -1983,6 +1984,19 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
   return bunEpSuccess;
 }
 
+// A testing knob: `*value` from the environment variable `name` when it is set and not empty (an
+// integer in [min, max], else an error naming it and the range), else left as it is.
+bunEpResult_t env_int(const char* name, long min, long max, const char* unit, int* value) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return bunEpSuccess;
+  char* end = nullptr;
+  const long n = std::strtol(text, &end, 10);
+  BUN_EP_REQUIRE(*end == '\0' && n >= min && n <= max, "%s: expected an integer from %ld to %ld (%s), got \"%s\"", name,
+                 min, max, unit, text);
+  *value = (int)n;
+  return bunEpSuccess;
+}
+
 // Ranks sharing a GPU: the largest shared-memory carveout (L1/shared split) for every kernel here.
 // An SM takes a block only where the split it was given when idle leaves room, and waiting blocks
 // of several ranks can hold every SM (the budget bounds their count, not the SMs they land on).
@@ -1999,14 +2013,7 @@ bunEpResult_t set_shared_carveout(int device, int64_t ranksOnDevice) {
   static std::mutex mutex;
   static uint64_t devicesSet = 0;  // bit d: device d has its carveout
   int percent = ranksOnDevice > 1 ? (int)cudaSharedmemCarveoutMaxShared : -1;
-  if (const char* value = std::getenv("BUN_EP_LL_CARVEOUT"); value != nullptr && *value != '\0') {
-    char* end = nullptr;
-    const long n = std::strtol(value, &end, 10);
-    BUN_EP_REQUIRE(*end == '\0' && n >= 0 && n <= 100,
-                   "BUN_EP_LL_CARVEOUT: expected an integer from 0 to 100 (percent of the SM's shared memory), got \"%s\"",
-                   value);
-    percent = (int)n;
-  }
+  BUN_EP_TRY(env_int("BUN_EP_LL_CARVEOUT", 0, 100, "percent of the SM's shared memory", &percent));
   if (percent < 0) return bunEpSuccess;
   const uint64_t bit = device >= 0 && device < 64 ? 1ull << device : 0;
   std::lock_guard<std::mutex> lock(mutex);
@@ -2054,13 +2061,7 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   // Testing: BUN_EP_LL_WAITING_BLOCKS=N caps every waiting grid at N blocks, so that small shapes send
   // several tokens per block (batched planning, next-row loads) and every waiting kernel loops.
   int waitingBlocksCap = 0;
-  if (const char* cap = std::getenv("BUN_EP_LL_WAITING_BLOCKS"); cap != nullptr && *cap != '\0') {
-    char* end = nullptr;
-    const long n = std::strtol(cap, &end, 10);
-    BUN_EP_REQUIRE(*end == '\0' && n >= 2 && n <= (1 << 20),
-                   "BUN_EP_LL_WAITING_BLOCKS: expected an integer from 2 to 1048576 (blocks per waiting grid), got \"%s\"", cap);
-    waitingBlocksCap = (int)n;
-  }
+  BUN_EP_TRY(env_int("BUN_EP_LL_WAITING_BLOCKS", 2, 1 << 20, "blocks per waiting grid", &waitingBlocksCap));
 
   Context* ctx = new Context{};
   ctx->config = *config;
@@ -2093,18 +2094,15 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   }
   if (status == bunEpSuccess) {
     ctx->dispatchSendSmem = (int)dispatch_send_smem(*config);
-    if (ctx->dispatchSendSmem > 48 * 1024)
-      status = cuda(cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         200 * 1024),
-                    "cudaFuncSetAttribute(dispatch_send_kernel)");
-    if (status == bunEpSuccess && ctx->dispatchSendSmem > 48 * 1024)
-      status = cuda(cudaFuncSetAttribute(dispatch_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         200 * 1024),
-                    "cudaFuncSetAttribute(dispatch_fused_kernel)");
-    if (status == bunEpSuccess && ctx->dispatchSendSmem > 48 * 1024)
-      status = cuda(cudaFuncSetAttribute(dispatch_direct_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         200 * 1024),
-                    "cudaFuncSetAttribute(dispatch_direct_kernel)");
+    // The kernels launched with the dispatch's shared memory (the routing of maxTokensPerRank tokens).
+    const std::pair<const void*, const char*> dispatchKernels[] = {
+        {(const void*)dispatch_send_kernel, "cudaFuncSetAttribute(dispatch_send_kernel)"},
+        {(const void*)dispatch_fused_kernel, "cudaFuncSetAttribute(dispatch_fused_kernel)"},
+        {(const void*)dispatch_direct_kernel, "cudaFuncSetAttribute(dispatch_direct_kernel)"},
+    };
+    for (const auto& [kernel, what] : dispatchKernels)
+      if (status == bunEpSuccess && ctx->dispatchSendSmem > 48 * 1024)
+        status = cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024), what);
   }
   if (status == bunEpSuccess) status = set_shared_carveout(ctx->device, config->ranksOnDevice);
   if (status == bunEpSuccess) status = create_copy_engines(ctx);
