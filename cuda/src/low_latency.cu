@@ -2099,6 +2099,7 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
         {(const void*)dispatch_send_kernel, "cudaFuncSetAttribute(dispatch_send_kernel)"},
         {(const void*)dispatch_fused_kernel, "cudaFuncSetAttribute(dispatch_fused_kernel)"},
         {(const void*)dispatch_direct_kernel, "cudaFuncSetAttribute(dispatch_direct_kernel)"},
+        {(const void*)dispatch_blob_send_kernel, "cudaFuncSetAttribute(dispatch_blob_send_kernel)"},
     };
     for (const auto& [kernel, what] : dispatchKernels)
       if (status == bunEpSuccess && ctx->dispatchSendSmem > 48 * 1024)
