@@ -7,14 +7,17 @@ import type { RankState } from "../test/gpu/fixtures/ll_harness.ts";
 import { median } from "./common.ts";
 
 /** Time `enqueue` (work forked over every rank's stream) from stream 0: ms per iteration, after
- * `warmup` untimed iterations. */
-export function timeForked(states: RankState[], enqueue: () => void, iterations: number, warmup: number): number[] {
+ * `warmup` untimed iterations. `hostMs`, when given, gets the host's ms inside `enqueue` per timed
+ * iteration (what launching costs the CPU; with R ranks it is also the launch skew between them). */
+export function timeForked(states: RankState[], enqueue: () => void, iterations: number, warmup: number, hostMs?: number[]): number[] {
   const main = states[0]!.stream;
   const samples: number[] = [];
   for (let i = 0; i < warmup + iterations; i++) {
     const start = Event.create({ timing: true, device: main.device }).record(main);
     for (const st of states.slice(1)) st.stream.waitEvent(start);
+    const hostStart = performance.now();
     enqueue();
+    if (i >= warmup) hostMs?.push(performance.now() - hostStart);
     const joins = states.slice(1).map((st) => Event.create({ device: st.stream.device }).record(st.stream));
     for (const j of joins) main.waitEvent(j);
     const end = Event.create({ timing: true, device: main.device }).record(main);

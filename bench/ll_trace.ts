@@ -20,7 +20,7 @@ const R = Number(option("--ranks", "2"));
 const T = Number(option("--tokens", "128"));
 const K = Number(option("--topk", "8"));
 const CALLS = 20;
-const CALLS_T = 8, RANKS_T = 8, BLOCKS_T = 256, POINTS_T = 10;
+const CALLS_T = 8, RANKS_T = 8, BLOCKS_T = 256, POINTS_T = 11;
 
 requireGpu("bench/ll_trace.ts");
 const lib = dlopen(resolve(import.meta.dir, "../build/libbun_ep.so"), {
@@ -47,11 +47,14 @@ const ms = timeGraph(states, graph, 29, 1).at(-1)!;
 graph.close();
 console.log(`R=${R} T=${T} K=${K}: last graph ${(ms * 1000).toFixed(1)} us, ${((ms * 1000) / CALLS).toFixed(2)} us per call`);
 
-const buf = new BigUint64Array(CALLS_T * RANKS_T * BLOCKS_T * POINTS_T);
+// Global-timer stamps, then the SM cycle counter's at the same points.
+const STAMPS = CALLS_T * RANKS_T * BLOCKS_T * POINTS_T;
+const buf = new BigUint64Array(2 * STAMPS);
 const got = lib.symbols.bun_ep_ll_debug_trace(ptr(buf), BigInt(buf.byteLength));
 if (got < 0) throw new Error(`trace: ${got} (build with BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE)`);
-const at = (call: number, rank: number, block: number, point: number) =>
-  Number(buf[((call * RANKS_T + rank) * BLOCKS_T + block) * POINTS_T + point]!);
+const index = (call: number, rank: number, block: number, point: number) => ((call * RANKS_T + rank) * BLOCKS_T + block) * POINTS_T + point;
+const at = (call: number, rank: number, block: number, point: number) => Number(buf[index(call, rank, block, point)]!);
+const cycles = (call: number, rank: number, block: number, point: number) => Number(buf[STAMPS + index(call, rank, block, point)]!);
 // Order the traced calls by their first stamp.
 const calls = Array.from({ length: CALLS_T }, (_, c) => c).filter((c) => at(c, 0, 0, 0) > 0);
 calls.sort((a, b) => at(a, 0, 0, 0) - at(b, 0, 0, 0));
@@ -89,6 +92,15 @@ for (const c of calls.slice(-3)) {
       parts.push(`${name} ${q(xs, 0).toFixed(2)}/${q(xs, 0.5).toFixed(2)}/${q(xs, 1).toFixed(2)}`);
     }
     console.log(`  rank ${r} (min/med/max us from call start): ${parts.join(" | ")} | rcv ${rcv} entry ${rel(rcv, 0).toFixed(2)} end ${rel(rcv, 7).toFixed(2)}`);
+    // Per sender block, exact: SM cycles from its first instruction (point 10) to each point, in the
+    // order the code passes them; as ns at this block's own cycles per ns (entry to end).
+    const order = [[0, "seq"], [1, "routing"], [2, "publish"], [8, "counted"], [9, "waited"], [3, "planned"], [4, "sent"], [5, "announced"], [7, "end"]] as const;
+    const rate = q(senderBlocks.map((b) => (cycles(c, r, b, 7) - cycles(c, r, b, 10)) / Math.max(1, at(c, r, b, 7) - at(c, r, b, 10))), 0.5);
+    const steps = order.map(([p, name]) => {
+      const xs = senderBlocks.map((b) => cycles(c, r, b, p) - cycles(c, r, b, 10));
+      return `${name} ${q(xs, 0.5)} (${(q(xs, 0.5) / rate / 1000).toFixed(2)} us)`;
+    });
+    console.log(`  rank ${r} sender blocks, median cycles from entry at ${rate.toFixed(2)} cycles/ns: ${steps.join(" | ")}`);
   }
 }
 await Promise.all(states.map((st) => st.engine.close()));

@@ -6,6 +6,8 @@
 // measured in the same run and launched the same way (every rank copies its share with its own
 // kernel, forked like our calls): ratioToCopy = copy / ours. singleCopyUs / ratioToSingleCopy: one
 // copy kernel of all the bytes, plain launch with events (the ceiling of earlier sessions).
+// Events rows also give hostUs: the host's time launching one call of every rank (and copyHostUs,
+// the copies'): with R ranks in one process it is the launch skew the events rows include.
 // Also the latency floor (8 tokens, 1 expert each, in a graph) and the overlap win of two
 // micro-batches with hooks against the same without; the compute between the calls is a spin kernel
 // of --compute-us per micro-batch phase on each rank's stream (GPU time, no memory traffic).
@@ -54,8 +56,14 @@ interface RankData {
   topkWeights: DeviceTensor<"f32">;
 }
 
-/** Median ms of `enqueue` forked over `states`' streams, plainly launched with events. */
-const eventsMs = (states: RankState[], enqueue: () => void): number => median(timeForked(states, enqueue, ITERATIONS, WARMUP));
+/** Median ms of `enqueue` forked over `states`' streams, plainly launched with events; `hostMs`
+ * gets the host's time inside `enqueue` (median ms) when given. */
+const eventsMs = (states: RankState[], enqueue: () => void, hostMs?: { median: number }): number => {
+  const host: number[] = [];
+  const ms = median(timeForked(states, enqueue, ITERATIONS, WARMUP, host));
+  if (hostMs !== undefined) hostMs.median = median(host);
+  return ms;
+};
 /** Median ms per call of `enqueue` (which enqueues `calls` calls) captured as one forked graph. */
 const graphMs = (states: RankState[], enqueue: () => void, calls = 1): number => capturedMs(states, enqueue, ITERATIONS, WARMUP, calls);
 
@@ -72,7 +80,7 @@ function copyMs(bytes: number, state: RankState): number {
 /** The same bytes moved by a plain copy kernel per rank (each rank copies its 1/R share on its own
  * stream, within its own device), timed the three ways ours is: forked plain launches with events,
  * one forked graph per call, and CALLS_PER_GRAPH calls in one graph (per call). Ms each. */
-function copyForked(states: RankState[], totalBytes: number): { events: number; graph: number; graphPerCall: number } {
+function copyForked(states: RankState[], totalBytes: number): { events: number; eventsHost: number; graph: number; graphPerCall: number } {
   const share = Math.max(16, Math.ceil(totalBytes / states.length / 16) * 16);
   const blocks = 4 * deviceProps(states[0]!.stream.device).multiProcessorCount;
   const buffers = states.map((st) => ({
@@ -81,7 +89,8 @@ function copyForked(states: RankState[], totalBytes: number): { events: number; 
   }));
   const copyAll = () =>
     states.forEach((st, r) => check(lib.bun_ep_debug_copy_bytes(buffers[r]!.dst.ptr, buffers[r]!.src.ptr, share, blocks, st.stream.handle), "copy"));
-  const events = eventsMs(states, copyAll);
+  const host = { median: 0 };
+  const events = eventsMs(states, copyAll, host);
   const graph = graphMs(states, copyAll);
   const graphPerCall = graphMs(states, () => {
     for (let i = 0; i < CALLS_PER_GRAPH; i++) copyAll();
@@ -91,7 +100,7 @@ function copyForked(states: RankState[], totalBytes: number): { events: number; 
     b.src.free();
     b.dst.free();
   }
-  return { events, graph, graphPerCall };
+  return { events, eventsHost: host.median, graph, graphPerCall };
 }
 
 /** Distinct (token, expert) pairs over all ranks: the rows dispatch moves and combine returns. */
@@ -152,7 +161,8 @@ async function benchShape(
   const ceilings = { dispatch: copyForked(states, dispatchBytes), combine: copyForked(states, combineBytes) };
   const single = { dispatch: copyMs(dispatchBytes, states[0]!), combine: copyMs(combineBytes, states[0]!) };
 
-  const row = (op: string, mode: string, ms: number, bytes: number): void => {
+  // hostMs: for events rows, the host's time launching one call of every rank (median).
+  const row = (op: string, mode: string, ms: number, bytes: number, hostMs?: number): void => {
     const which = op.startsWith("dispatch") ? "dispatch" : op.startsWith("combine") ? "combine" : null;
     const ceiling = which === null ? null : ceilings[which];
     const copy = ceiling === null ? 0 : mode === "events" ? ceiling.events : mode === "graph" ? ceiling.graph : ceiling.graphPerCall;
@@ -162,14 +172,19 @@ async function benchShape(
       ratioToCopy: bytes ? copy / ms : null, GBps: bytes ? bytes / (ms * 1e6) : null,
       singleCopyUs: which === null || !bytes ? null : single[which] * 1000,
       ratioToSingleCopy: which === null || !bytes ? null : single[which] / ms,
+      hostUs: hostMs === undefined ? null : hostMs * 1000,
+      copyHostUs: hostMs === undefined || ceiling === null ? null : ceiling.eventsHost * 1000,
     });
   };
   if (opts.events) {
-    row("dispatch", "events", eventsMs(states, () => dispatchAll()), dispatchBytes);
+    const host = { median: 0 };
+    const dispatchMs = eventsMs(states, () => dispatchAll(), host);
+    row("dispatch", "events", dispatchMs, dispatchBytes, host.median);
     dispatchAll();
     for (const st of states) st.stream.synchronize();
     const results = last;
-    row("combine", "events", eventsMs(states, () => combineAll(results)), combineBytes);
+    const combineMs = eventsMs(states, () => combineAll(results), host);
+    row("combine", "events", combineMs, combineBytes, host.median);
   }
   // Graphs: dispatch alone, then combine alone (of the dispatch captured just before).
   row("dispatch", "graph", graphMs(states, () => dispatchAll(false)), dispatchBytes);
@@ -304,5 +319,5 @@ for (const numRanks of RANKS) {
 }
 const path = writeResults(DISPATCH_PATH === "hook" ? "low_latency" : `low_latency_copy-engines-${DISPATCH_PATH}`, rows, {
   copyEngines: DISPATCH_PATH, iterations: ITERATIONS, warmup: WARMUP, goal: "ratioToCopy >= 0.6; floor < 10 us in a graph" });
-console.log(markdownTable(rows, ["case", "ranks", "op", "mode", "latencyUs", "bytes", "copyUs", "ratioToCopy", "singleCopyUs", "ratioToSingleCopy", "GBps", "overlapWin"]));
+console.log(markdownTable(rows, ["case", "ranks", "op", "mode", "latencyUs", "bytes", "copyUs", "ratioToCopy", "singleCopyUs", "ratioToSingleCopy", "GBps", "overlapWin", "hostUs", "copyHostUs"]));
 console.log(`wrote ${path}`);

@@ -94,19 +94,28 @@ constexpr int kMaxCopyRanks = 16;
 constexpr int kMaxCopyStreams = 4;
 
 // Developer phase trace, off in normal builds (build with BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE):
-// thread 0 of each block of the direct dispatch stamps the global timer at the end of each phase,
-// for the last kTraceCalls calls; bun_ep_ll_debug_trace copies the stamps out.
+// thread 0 of each block of the direct dispatch stamps the global timer (comparable across blocks
+// and ranks, coarse) and its SM's cycle counter (exact within the block) at the end of each phase,
+// for the last kTraceCalls calls; bun_ep_ll_debug_trace copies both out. Point 10 is the kernel's
+// first instruction (taken before the call number is known, stored with point 0).
 #ifdef BUN_EP_LL_TRACE
-constexpr int kTraceCalls = 8, kTraceRanks = 8, kTraceBlocks = 256, kTracePoints = 10;
+constexpr int kTraceCalls = 8, kTraceRanks = 8, kTraceBlocks = 256, kTracePoints = 11;
 __device__ unsigned long long g_trace[kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
+__device__ unsigned long long g_trace_clock[kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
 // call: the call number of its parity, times 2, plus the parity (calls of a rank in order).
-__device__ __forceinline__ void trace_stamp(int rank, int call, int point, uint64_t ns) {
-  if (threadIdx.x == 0 && blockIdx.x < kTraceBlocks && rank < kTraceRanks)
+__device__ __forceinline__ void trace_stamp(int rank, int call, int point, uint64_t ns, uint64_t clock) {
+  if (threadIdx.x == 0 && blockIdx.x < kTraceBlocks && rank < kTraceRanks) {
     g_trace[call % kTraceCalls][rank][blockIdx.x][point] = ns;
+    g_trace_clock[call % kTraceCalls][rank][blockIdx.x][point] = clock;
+  }
 }
-#define LL_TRACE(c, seq, point) trace_stamp((c).rank, 2 * (seq) + (c).parity, point, globaltimer_ns())
+#define LL_TRACE(c, seq, point) trace_stamp((c).rank, 2 * (seq) + (c).parity, point, globaltimer_ns(), clock64())
+#define LL_TRACE_ENTRY() const uint64_t trace_entry_ns = globaltimer_ns(), trace_entry_clock = clock64()
+#define LL_TRACE_ENTRY_STORE(c, seq) trace_stamp((c).rank, 2 * (seq) + (c).parity, 10, trace_entry_ns, trace_entry_clock)
 #else
 #define LL_TRACE(c, seq, point) ((void)0)
+#define LL_TRACE_ENTRY() ((void)0)
+#define LL_TRACE_ENTRY_STORE(c, seq) ((void)0)
 #endif
 
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
@@ -743,6 +752,23 @@ __device__ void dispatch_send(const DispatchParams& p, int seq, int* s_dynamic) 
 }
 
 // Every block reads the call number before any block can reach the grid-completion counter.
+// Experiment (BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_WARM_PARAMS): a launch's parameters sit in a constant
+// bank written for that launch, so each 64-byte line's first read would miss the SM's constant
+// cache where the code first needs it. Lane 0 of warp w reads line w at entry instead: the misses
+// overlap one another (and the call number's load), later reads hit.
+template <typename Params>
+__device__ __forceinline__ void warm_param_lines(const Params& p) {
+#ifdef BUN_EP_LL_WARM_PARAMS
+  const int warp = (int)threadIdx.x / 32;
+  if (warp * 64 < (int)sizeof(Params) && threadIdx.x % 32 == 0) {
+    const int sink = reinterpret_cast<const int*>(&p)[warp * 16];
+    asm volatile("" ::"r"(sink));
+  }
+#else
+  (void)p;
+#endif
+}
+
 __device__ __forceinline__ int next_seq(const int* counter) {
   const int seq = ld_volatile(counter) + 1;
   __syncthreads();
@@ -1176,8 +1202,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   // ranges overlap the senders' stores (after a token of its own they were on the critical path).
   const int senders = (int)gridDim.x - 1;
   const bool receiver = (int)blockIdx.x == senders;
+  LL_TRACE_ENTRY();
+  warm_param_lines(p);
   const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
   LL_TRACE(c, seq, 0);
+  LL_TRACE_ENTRY_STORE(c, seq);
 
   const bool selfAlive = c.state->alive[c.rank] != 0;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
@@ -2344,10 +2373,13 @@ bunEpResult_t bun_ep_ll_check(void* context) {
 #ifdef BUN_EP_LL_TRACE
 // Developer trace build only: the direct dispatch's phase stamps (see g_trace), u64
 // [calls][ranks][blocks][points] ns; 0 where no block stamped.
+// The cycle stamps (g_trace_clock) follow the timer stamps in `host`.
 BUN_EP_API int bun_ep_ll_debug_trace(void* host, uint64_t bytes) {
-  if (bytes < sizeof(g_trace)) return -1;
+  if (bytes < 2 * sizeof(g_trace)) return -1;
   if (cudaMemcpyFromSymbol(host, g_trace, sizeof(g_trace)) != cudaSuccess) return -2;
-  return (int)sizeof(g_trace);
+  if (cudaMemcpyFromSymbol(static_cast<char*>(host) + sizeof(g_trace), g_trace_clock, sizeof(g_trace)) != cudaSuccess)
+    return -2;
+  return (int)(2 * sizeof(g_trace));
 }
 #endif
 
