@@ -377,37 +377,24 @@ __device__ __forceinline__ void warp_copy_int4(int4* dst, const int4* src, int n
 
 // The block's routing in shared memory: valid expert ids, -1 for none, out of range, or an expert
 // repeated earlier in the same row (a token goes to an expert once, at its first position).
-// Collective over the block (block-uniform call); the caller syncs before reading s_topk.
-// Pass 1 reads the ids coalesced, two per 16-byte load where the tensor is 16-byte aligned (a
-// thread per token made each warp's loads touch 32 rows at a 64-byte stride: 8 times the requests,
-// and the routing's arrival set the pace of every block's start). Pass 2: a thread per token
-// compares its ids in registers.
+// A thread per token: its K ids are loaded together and compared in registers (a thread per entry
+// re-read the earlier ids of its row from global memory, one dependent load after another).
 __device__ void load_routing(const int64_t* topkIdx, int numTokens, int numTopk, int numExperts, int* s_topk) {
-  const int n = numTokens * numTopk;
-  const auto valid = [numExperts](int64_t e) { return (e >= 0 && e < numExperts) ? (int)e : -1; };
-  if ((reinterpret_cast<uintptr_t>(topkIdx) & 15) == 0) {
-    const int4* pairs = reinterpret_cast<const int4*>(topkIdx);
-    for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
-      const int4 w = ld_nc_int4(pairs + i);
-      s_topk[2 * i] = valid(((int64_t)(uint32_t)w.y << 32) | (uint32_t)w.x);
-      s_topk[2 * i + 1] = valid(((int64_t)(uint32_t)w.w << 32) | (uint32_t)w.z);
-    }
-    if (n % 2 != 0 && threadIdx.x == 0) s_topk[n - 1] = valid(topkIdx[n - 1]);
-  } else {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s_topk[i] = valid(topkIdx[i]);
-  }
-  __syncthreads();
   for (int t = threadIdx.x; t < numTokens; t += blockDim.x) {
-    int ids[kMaxTopk];
+    int ids[kMaxTopk];  // valid ids; -1 for none or out of range (never equal to a valid id)
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) ids[k] = k < numTopk ? s_topk[t * numTopk + k] : -1;
+    for (int k = 0; k < kMaxTopk; ++k) {
+      const int64_t e = k < numTopk ? topkIdx[(int64_t)t * numTopk + k] : -1;
+      ids[k] = (e >= 0 && e < numExperts) ? (int)e : -1;
+    }
 #pragma unroll
-    for (int k = 1; k < kMaxTopk; ++k) {
-      bool repeated = false;
+    for (int k = 0; k < kMaxTopk; ++k) {
+      if (k >= numTopk) break;
+      int value = ids[k];
 #pragma unroll
-      for (int j = 0; j < k; ++j) repeated |= ids[j] == ids[k];
-      // Only a repeat is rewritten: the row's other entries are already final.
-      if (k < numTopk && ids[k] >= 0 && repeated) s_topk[t * numTopk + k] = -1;
+      for (int j = 0; j < k; ++j)
+        if (ids[j] == value) value = -1;
+      s_topk[t * numTopk + k] = value;
     }
   }
 }
@@ -765,23 +752,6 @@ __device__ void dispatch_send(const DispatchParams& p, int seq, int* s_dynamic) 
 }
 
 // Every block reads the call number before any block can reach the grid-completion counter.
-// Experiment (BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_WARM_PARAMS): a launch's parameters sit in a constant
-// bank written for that launch, so each 64-byte line's first read would miss the SM's constant
-// cache where the code first needs it. Lane 0 of warp w reads line w at entry instead: the misses
-// overlap one another (and the call number's load), later reads hit.
-template <typename Params>
-__device__ __forceinline__ void warm_param_lines(const Params& p) {
-#ifdef BUN_EP_LL_WARM_PARAMS
-  const int warp = (int)threadIdx.x / 32;
-  if (warp * 64 < (int)sizeof(Params) && threadIdx.x % 32 == 0) {
-    const int sink = reinterpret_cast<const int*>(&p)[warp * 16];
-    asm volatile("" ::"r"(sink));
-  }
-#else
-  (void)p;
-#endif
-}
-
 __device__ __forceinline__ int next_seq(const int* counter) {
   const int seq = ld_volatile(counter) + 1;
   __syncthreads();
@@ -1034,24 +1004,10 @@ __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_to
 // rows back to back (a block with several tokens, e.g. 8 ranks sharing one GPU, waited per token).
 constexpr int kPlanBatch = 8;
 
-// Positions among this rank's tokens: s_pos[j][k] = the earlier tokens with token tFirst + j * stride's
-// k-th expert, s_begin zeroed for plan_tokens_direct. Collective over the block; shared memory
-// only, so it runs before the block's row loads are issued (behind them, its shared loads waited
-// for the whole burst of rows of every block: 2 us at EP2, H200 trace of session 6).
-__device__ void count_positions(const DispatchParams& p, const int* s_topk, int tFirst, int stride, int n,
-                                int (*s_pos)[kMaxTopk], int (*s_begin)[kMaxTopk]) {
-  for (int i = threadIdx.x; i < n * kMaxTopk; i += blockDim.x) {
-    s_pos[i / kMaxTopk][i % kMaxTopk] = 0;
-    s_begin[i / kMaxTopk][i % kMaxTopk] = 0;
-  }
-  __syncthreads();
-  for (int j = 0; j < n; ++j) count_earlier_tokens(s_topk, tFirst + j * stride, p.numTopk, s_pos[j]);
-}
-
-// Where each of the block's n <= kPlanBatch tokens tFirst + j * stride goes per top-k position
-// (s_pos from count_positions): s_dest[j][k] the owner's recvX row (NULL: none), s_scales[j][k] its
-// scales row; writes the handle entries at the owners and this rank's sentSlot, and counts rows per
-// owner in s_rowsTo. Collective over the block.
+// Where each of the block's n <= kPlanBatch tokens tFirst + j * stride goes per top-k position:
+// s_dest[j][k] the owner's recvX row (NULL: none), s_scales[j][k] its scales row; writes the handle
+// entries at the owners and this rank's sentSlot, and counts rows per owner in s_rowsTo.
+// Collective over the block.
 __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive,
                                    char* const* s_peers, int tFirst,
                                    int stride, int n, int (*s_pos)[kMaxTopk], int (*s_begin)[kMaxTopk],
@@ -1059,6 +1015,13 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int K = p.numTopk, El = l.numLocalExperts, R = l.numRanks, me = c.rank;
+  for (int i = threadIdx.x; i < n * kMaxTopk; i += blockDim.x) {
+    s_pos[i / kMaxTopk][i % kMaxTopk] = 0;
+    s_begin[i / kMaxTopk][i % kMaxTopk] = 0;
+  }
+  __syncthreads();
+  for (int j = 0; j < n; ++j) count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j]);
+  if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 8);  // sender blocks' points 8 and 9: first batch only
   // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
   // owner's own word is awaited too: the owner has then started this call, so it is done (in its
   // stream order) with whatever it did with this parity's outputs before.
@@ -1223,7 +1186,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   const int senders = (int)gridDim.x - 1;
   const bool receiver = (int)blockIdx.x == senders;
   LL_TRACE_ENTRY();
-  warm_param_lines(p);
   const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
   LL_TRACE(c, seq, 0);
   LL_TRACE_ENTRY_STORE(c, seq);
@@ -1259,8 +1221,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   const auto row_of = [&](int t) { return reinterpret_cast<const int4*>(p.x + (int64_t)t * H); };
   for (int batch = 0; batch < numMine; batch += kPlanBatch) {
     const int n = min(kPlanBatch, numMine - batch), tFirst = (int)blockIdx.x + batch * senders;
-    count_positions(p, s_topk, tFirst, senders, n, s_pos, s_begin);
-    if (batch == 0) LL_TRACE(c, seq, 8);  // sender blocks' points 8 and 9: first batch only
     // The first row's first two chunks are read before the planning waits (their loads overlap them).
     RawChunk first = p.useFp8 ? load_chunk(row_of(tFirst), threadIdx.x, (int)threadIdx.x < H / 16) : RawChunk{};
     RawChunk second = p.useFp8 ? second_chunk(p, tFirst) : RawChunk{};
