@@ -406,7 +406,7 @@ async function main(): Promise<void> {
     `-I${SOURCE_DIR}`,
     ...(nvshmem ? [`-I${join(nvshmem.dir, "include")}`] : []),
     `-DBUN_EP_WITH_NVSHMEM=${nvshmem ? 1 : 0}`,
-    // Developer builds only, e.g. BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE (docs/DEVELOPERS.md).
+    // Developer builds only, e.g. BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE (README, environment table).
     ...(process.env.BUN_EP_NVCC_FLAGS ?? "").split(/\s+/).filter((f) => f.length > 0),
   ];
   // One object folder per configuration (flags, compiler): switching between configurations (say

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Low-latency kernel variants side by side in one device call (nvidia-h200 or nvidia-h100-x1, ranks
+# sharing the GPU under MPS). Each file $VARIANTS/<name>.cu (default scratch/variants, carried) is a
+# version of cuda/src/low_latency.cu. The working tree's own file runs first as "base" (build, bench,
+# trace); then each variant: build, the low-latency tests (default, BUN_EP_LL_COPY_ENGINES=all,
+# BUN_EP_LL_WAITING_BLOCKS=2), bench/low_latency.ts, and the EP2 / EP8 phase trace of a trace build.
+# The working tree's file is put back at the end. Prepare here, e.g.:
+#
+#   mkdir -p scratch/variants
+#   git show ll-position-map:cuda/src/low_latency.cu > scratch/variants/map.cu
+#   run(carry [".device", "scratch"], timeout_s 600, command "bash scripts/variants-batch.sh")
+#
+# About 40 s for base and 120 s per variant: at most 4 variants fit. Output under $OUT: summary.md
+# (steps, test counts, the benchmark's graph-of-20 rows and the trace's sender-block lines per
+# variant) and <name>.log per variant, whole (the device brings back at most 8 files: 7 variants).
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT=${OUT:-/tmp/variants-out}
+VARIANTS=${VARIANTS:-scratch/variants}
+mkdir -p "$OUT"
+START=$(date +%s)
+DEADLINE=$((START + ${BATCH_BUDGET_S:-560}))
+STATUS=$OUT/status.md
+SOURCE=cuda/src/low_latency.cu
+# shellcheck disable=SC1091
+source .device/remote.sh > "$OUT/base.log" 2>&1
+# shellcheck source=scripts/batch_steps.sh
+source scripts/batch_steps.sh
+mps_start >> "$OUT/base.log" 2>&1
+cp "$SOURCE" /tmp/low_latency.base.cu
+echo "| step | result | took | log |" > "$STATUS"
+echo "|---|---|---|---|" >> "$STATUS"
+
+# run_variant NAME WITH_TESTS: the current $SOURCE through build, (tests), bench and trace.
+run_variant() {
+  local name=$1 log=$OUT/$1.log
+  step "$log" "$name: build" 120 "bun run build"
+  if [ "$2" = 1 ]; then
+    step "$log" "$name: low_latency" 90 "bun test test/gpu/low_latency.test.ts"
+    step "$log" "$name: low_latency all" 90 "BUN_EP_LL_COPY_ENGINES=all bun test test/gpu/low_latency.test.ts"
+    step "$log" "$name: low_latency WB2" 90 "BUN_EP_LL_WAITING_BLOCKS=2 bun test test/gpu/low_latency.test.ts"
+  fi
+  step "$log" "$name: bench" 60 "bun bench/low_latency.ts --iterations 50"
+  step "$log" "$name: trace build" 120 "BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE bun run build"
+  step "$log" "$name: trace EP2" 30 "bun bench/ll_trace.ts --ranks 2"
+  step "$log" "$name: trace EP8" 30 "bun bench/ll_trace.ts --ranks 8"
+}
+
+run_variant base 0
+for file in "$VARIANTS"/*.cu; do
+  [ -f "$file" ] || continue
+  cp "$file" "$SOURCE"
+  run_variant "$(basename "$file" .cu)" 1
+done
+cp /tmp/low_latency.base.cu "$SOURCE"
+mps_stop >> "$OUT/base.log" 2>&1
+
+{
+  echo "# low-latency variants, $(date -u +%FT%TZ), $(($(date +%s) - START)) s"
+  echo
+  cat "$STATUS"
+  for log in "$OUT"/*.log; do
+    echo
+    echo "## $(basename "$log" .log)"
+    grep -E '^\(fail\)|threw$|^ *[0-9]+ (pass|fail)$' "$log" | cut -c1-300
+    grep -E '^\| [^|]+ \| [0-9] \| (dispatch|combine) \| graph of' "$log"
+    grep -E '^R=|rank 0 sender blocks' "$log" | cut -c1-400
+  done
+} > "$OUT/summary.md"
+cat "$OUT/summary.md"
