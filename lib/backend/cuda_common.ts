@@ -1,6 +1,6 @@
 // Helpers shared by the normal-kernel engines of the CUDA backend (lib/backend/cuda.ts for one node,
-// lib/backend/cuda_internode.ts for several): argument structs, the host record the kernels write,
-// and the ordering of the comm stream against the compute stream.
+// lib/backend/cuda_internode.ts for several): argument structs (the low-latency engine's too), the
+// host record the kernels write, and the ordering of the comm stream against the compute stream.
 
 import { BunEpError, Status } from "../ffi.ts";
 import { NORMAL_STEP_NAMES, NormalError, Rec } from "../native/normal.ts";
@@ -8,16 +8,42 @@ import { Event, type Stream } from "../stream.ts";
 import { DeviceTensor, type Tensor } from "../tensor.ts";
 import type { EventLike } from "./types.ts";
 
-/** Fills an argument struct of 8-byte fields in header order. */
-export class StructWriter {
+/**
+ * The int64 fields of a native argument struct (`data`, passed as a pointer), written from numbers
+ * as two 32-bit halves. A BigInt per field cost about 50 ns: the twelve fields of a low-latency call
+ * took 0.6 us this way, 0.02 us as halves (a loop of the same writes, Bun 1.4.5, session 6), where
+ * the whole call costs the host 8-9 us. Values must be safe integers (pointers, sizes, flags, -1).
+ */
+export class Int64Fields {
   readonly data: BigInt64Array;
-  #at = 0;
+  readonly #words: Uint32Array;
   constructor(fields: number) {
     this.data = new BigInt64Array(fields);
+    this.#words = new Uint32Array(this.data.buffer);
+  }
+  set(index: number, value: number): void {
+    if (!Number.isSafeInteger(value)) throw new RangeError(`internal: argument field ${index} is ${value}, not a safe integer`);
+    if (index < 0 || index >= this.data.length) throw new RangeError(`internal: argument field ${index} of ${this.data.length}`);
+    const high = Math.floor(value / 4294967296);
+    this.#words[2 * index] = value - high * 4294967296; // little-endian: the low half first
+    this.#words[2 * index + 1] = high >>> 0;
+  }
+}
+
+/** Fills an argument struct of 8-byte fields in header order. */
+export class StructWriter {
+  readonly #fields: Int64Fields;
+  #at = 0;
+  constructor(fields: number) {
+    this.#fields = new Int64Fields(fields);
+  }
+  get data(): BigInt64Array {
+    return this.#fields.data;
   }
   put(value: number | bigint): this {
     if (this.#at >= this.data.length) throw new Error(`internal: argument struct overflow (${this.data.length} fields)`);
-    this.data[this.#at++] = BigInt(value);
+    if (typeof value === "bigint") this.data[this.#at++] = value;
+    else this.#fields.set(this.#at++, value);
     return this;
   }
   /** The filled struct; every field must have been written. */

@@ -10,6 +10,7 @@ import { BunEpError, check, native } from "../ffi.ts";
 import { LL_COMBINE, LL_CONFIG, LL_DISPATCH, LL_PHASE, LL_TRANSPORT, LL_VIEWS } from "../native/low_latency.ts";
 import { deviceProps, Event, withDevice } from "../stream.ts";
 import { DeviceTensor, PinnedTensor, type Tensor } from "../tensor.ts";
+import { Int64Fields } from "./cuda_common.ts";
 import { exchangePeerPointers, PeerBuffer, type PeerPointers } from "./cuda_peers.ts";
 import { DEFAULT_NVSHMEM_HEAP_BYTES, NvshmemContext } from "./nvshmem.ts";
 import type {
@@ -95,8 +96,8 @@ export class LowLatencyEngine {
   readonly #memory: BufferMemory;
   #context: number;
   readonly #views: [ParityViews, ParityViews];
-  readonly #dispatchArgs = new BigInt64Array(LL_DISPATCH.fields);
-  readonly #combineArgs = new BigInt64Array(LL_COMBINE.fields);
+  readonly #dispatchArgs = new Int64Fields(LL_DISPATCH.fields);
+  readonly #combineArgs = new Int64Fields(LL_COMBINE.fields);
   #nextParity: 0 | 1 = 0;
   #closed = false;
 
@@ -245,19 +246,19 @@ export class LowLatencyEngine {
     const stream = args.stream ?? this.commStream;
     const a = this.#dispatchArgs;
     const fill = (phases: number): void => {
-      a[LL_DISPATCH.x] = BigInt(devicePointer(args.x, "x"));
-      a[LL_DISPATCH.topkIdx] = BigInt(devicePointer(args.topkIdx, "topkIdx"));
-      a[LL_DISPATCH.numTokens] = BigInt(numTokens);
-      a[LL_DISPATCH.numTopk] = BigInt(numTopk);
-      a[LL_DISPATCH.parity] = BigInt(parity);
-      a[LL_DISPATCH.useFp8] = args.useFp8 ? 1n : 0n;
-      a[LL_DISPATCH.roundScale] = args.roundScale ? 1n : 0n;
-      a[LL_DISPATCH.useUe8m0] = args.useUe8m0 ? 1n : 0n;
-      a[LL_DISPATCH.cumulativeRecvStats] = BigInt(devicePointer(args.cumulativeRecvStats, "cumulativeRecvStats"));
-      a[LL_DISPATCH.waitStats] = BigInt(devicePointer(args.waitStats, "waitStats"));
-      a[LL_DISPATCH.phases] = BigInt(phases);
-      a[LL_DISPATCH.stream] = BigInt(stream);
-      check(native().bun_ep_ll_dispatch(this.#context, a), `lowLatencyDispatch on rank ${this.rank}`);
+      a.set(LL_DISPATCH.x, devicePointer(args.x, "x"));
+      a.set(LL_DISPATCH.topkIdx, devicePointer(args.topkIdx, "topkIdx"));
+      a.set(LL_DISPATCH.numTokens, numTokens);
+      a.set(LL_DISPATCH.numTopk, numTopk);
+      a.set(LL_DISPATCH.parity, parity);
+      a.set(LL_DISPATCH.useFp8, args.useFp8 ? 1 : 0);
+      a.set(LL_DISPATCH.roundScale, args.roundScale ? 1 : 0);
+      a.set(LL_DISPATCH.useUe8m0, args.useUe8m0 ? 1 : 0);
+      a.set(LL_DISPATCH.cumulativeRecvStats, devicePointer(args.cumulativeRecvStats, "cumulativeRecvStats"));
+      a.set(LL_DISPATCH.waitStats, devicePointer(args.waitStats, "waitStats"));
+      a.set(LL_DISPATCH.phases, phases);
+      a.set(LL_DISPATCH.stream, stream);
+      check(native().bun_ep_ll_dispatch(this.#context, a.data), `lowLatencyDispatch on rank ${this.rank}`);
     };
     fill(args.hook ? LL_PHASE.send : LL_PHASE.send | LL_PHASE.recv);
     // Only a launched call takes the parity (a refused one leaves the alternation as it was).
@@ -296,16 +297,16 @@ export class LowLatencyEngine {
     const combinedX = args.out ?? this.#views[parity].combinedX.rows(0, numTokens);
     const a = this.#combineArgs;
     const fill = (phases: number): void => {
-      a[LL_COMBINE.x] = BigInt(devicePointer(args.x, "x"));
-      a[LL_COMBINE.topkIdx] = BigInt(devicePointer(args.topkIdx, "topkIdx"));
-      a[LL_COMBINE.topkWeights] = BigInt(devicePointer(args.topkWeights, "topkWeights"));
-      a[LL_COMBINE.numTokens] = BigInt(numTokens);
-      a[LL_COMBINE.numTopk] = BigInt(data.numTopk);
-      a[LL_COMBINE.parity] = BigInt(parity);
-      a[LL_COMBINE.out] = BigInt(devicePointer(combinedX, "out"));
-      a[LL_COMBINE.phases] = BigInt(phases);
-      a[LL_COMBINE.stream] = BigInt(stream);
-      check(native().bun_ep_ll_combine(this.#context, a), `lowLatencyCombine on rank ${this.rank}`);
+      a.set(LL_COMBINE.x, devicePointer(args.x, "x"));
+      a.set(LL_COMBINE.topkIdx, devicePointer(args.topkIdx, "topkIdx"));
+      a.set(LL_COMBINE.topkWeights, devicePointer(args.topkWeights, "topkWeights"));
+      a.set(LL_COMBINE.numTokens, numTokens);
+      a.set(LL_COMBINE.numTopk, data.numTopk);
+      a.set(LL_COMBINE.parity, parity);
+      a.set(LL_COMBINE.out, devicePointer(combinedX, "out"));
+      a.set(LL_COMBINE.phases, phases);
+      a.set(LL_COMBINE.stream, stream);
+      check(native().bun_ep_ll_combine(this.#context, a.data), `lowLatencyCombine on rank ${this.rank}`);
     };
     fill(args.hook ? LL_PHASE.send : LL_PHASE.send | LL_PHASE.recv);
     return {
