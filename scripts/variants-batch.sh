@@ -3,15 +3,16 @@
 # sharing the GPU under MPS). Each file $VARIANTS/<name>.cu (default scratch/variants, carried) is a
 # version of cuda/src/low_latency.cu. The working tree's own file runs first as "base" (build, bench,
 # trace); then each variant: build, the low-latency tests (default, BUN_EP_LL_COPY_ENGINES=all,
-# BUN_EP_LL_WAITING_BLOCKS=2), bench/low_latency.ts, and the EP2 / EP8 phase trace of a trace build.
+# BUN_EP_LL_WAITING_BLOCKS=2), bench/low_latency.ts, and the phase traces of a trace build (dispatch
+# EP2 / EP8, the floor combine at EP8).
 # The working tree's file is put back at the end. Prepare here, e.g.:
 #
 #   mkdir -p scratch/variants
-#   git show ll-position-map:cuda/src/low_latency.cu > scratch/variants/map.cu
+#   git show ll-experiments:cuda/src/low_latency.cu > scratch/variants/experiments.cu
 #   run(carry [".device", "scratch"], timeout_s 600, command "bash scripts/variants-batch.sh")
 #
 # About 40 s for base and 120 s per variant: at most 4 variants fit. Output under $OUT: summary.md
-# (steps, test counts, the benchmark's graph-of-20 rows and the trace's sender-block lines per
+# (steps, test counts, the benchmark's graph-of-20 rows and rank 0's cycle lines of each trace per
 # variant) and <name>.log per variant, whole (the device brings back at most 8 files: 7 variants).
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -44,6 +45,7 @@ run_variant() {
   step "$log" "$name: trace build" 120 "BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE bun run build"
   step "$log" "$name: trace EP2" 30 "bun bench/ll_trace.ts --ranks 2"
   step "$log" "$name: trace EP8" 30 "bun bench/ll_trace.ts --ranks 8"
+  step "$log" "$name: combine trace EP8, floor" 30 "bun bench/ll_trace.ts --op combine --ranks 8 --tokens 8 --topk 1"
 }
 
 run_variant base 0
@@ -64,7 +66,7 @@ mps_stop >> "$OUT/base.log" 2>&1
     echo "## $(basename "$log" .log)"
     grep -E '^\(fail\)|threw$|^ *[0-9]+ (pass|fail)$' "$log" | cut -c1-300
     grep -E '^\| [^|]+ \| [0-9] \| (dispatch|combine) \| graph of' "$log"
-    grep -E '^R=|rank 0 sender blocks' "$log" | cut -c1-400
+    grep -E '^(dispatch|combine) R=|rank 0 (sender )?blocks' "$log" | cut -c1-400
   done
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"

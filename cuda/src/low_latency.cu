@@ -94,29 +94,34 @@ constexpr int kMaxCopyRanks = 16;
 constexpr int kMaxCopyStreams = 4;
 
 // Developer phase trace, off in normal builds (build with BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE):
-// thread 0 of each block of the direct dispatch stamps the global timer (comparable across blocks
-// and ranks, coarse) and its SM's cycle counter (exact within the block) at the end of each phase,
-// for the last kTraceCalls calls; bun_ep_ll_debug_trace copies both out. Point 10 is the kernel's
-// first instruction (taken before the call number is known, stored with point 0).
+// thread 0 of each block of the direct dispatch (op 0) and of the fused peer-pointer combine (op 1)
+// stamps the global timer (comparable across blocks and ranks, coarse) and its SM's cycle counter
+// (exact within the block) at the end of each phase, for the last kTraceCalls calls of each op;
+// bun_ep_ll_debug_trace copies both out. Point 10 is the kernel's first instruction (taken before
+// the call number is known, stored with point 0).
 #ifdef BUN_EP_LL_TRACE
-constexpr int kTraceCalls = 8, kTraceRanks = 8, kTraceBlocks = 256, kTracePoints = 11;
-__device__ unsigned long long g_trace[kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
-__device__ unsigned long long g_trace_clock[kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
+constexpr int kTraceOps = 2, kTraceCalls = 8, kTraceRanks = 8, kTraceBlocks = 256, kTracePoints = 11;
+__device__ unsigned long long g_trace[kTraceOps][kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
+__device__ unsigned long long g_trace_clock[kTraceOps][kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
 // call: the call number of its parity, times 2, plus the parity (calls of a rank in order).
-__device__ __forceinline__ void trace_stamp(int rank, int call, int point, uint64_t ns, uint64_t clock) {
+__device__ __forceinline__ void trace_stamp(int op, int rank, int call, int point, uint64_t ns, uint64_t clock) {
   if (threadIdx.x == 0 && blockIdx.x < kTraceBlocks && rank < kTraceRanks) {
-    g_trace[call % kTraceCalls][rank][blockIdx.x][point] = ns;
-    g_trace_clock[call % kTraceCalls][rank][blockIdx.x][point] = clock;
+    g_trace[op][call % kTraceCalls][rank][blockIdx.x][point] = ns;
+    g_trace_clock[op][call % kTraceCalls][rank][blockIdx.x][point] = clock;
   }
 }
-#define LL_TRACE(c, seq, point) trace_stamp((c).rank, 2 * (seq) + (c).parity, point, globaltimer_ns(), clock64())
+#define LL_TRACE_AT(op, c, seq, point) \
+  trace_stamp(op, (c).rank, 2 * (seq) + (c).parity, point, globaltimer_ns(), clock64())
 #define LL_TRACE_ENTRY() const uint64_t trace_entry_ns = globaltimer_ns(), trace_entry_clock = clock64()
-#define LL_TRACE_ENTRY_STORE(c, seq) trace_stamp((c).rank, 2 * (seq) + (c).parity, 10, trace_entry_ns, trace_entry_clock)
+#define LL_TRACE_ENTRY_STORE(op, c, seq) \
+  trace_stamp(op, (c).rank, 2 * (seq) + (c).parity, 10, trace_entry_ns, trace_entry_clock)
 #else
-#define LL_TRACE(c, seq, point) ((void)0)
+#define LL_TRACE_AT(op, c, seq, point) ((void)0)
 #define LL_TRACE_ENTRY() ((void)0)
-#define LL_TRACE_ENTRY_STORE(c, seq) ((void)0)
+#define LL_TRACE_ENTRY_STORE(op, c, seq) ((void)0)
 #endif
+#define LL_TRACE(c, seq, point) LL_TRACE_AT(0, c, seq, point)
+#define LL_TRACE_COMBINE(c, seq, point) LL_TRACE_AT(1, c, seq, point)
 
 __host__ __device__ constexpr int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -1188,7 +1193,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   LL_TRACE_ENTRY();
   const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
   LL_TRACE(c, seq, 0);
-  LL_TRACE_ENTRY_STORE(c, seq);
+  LL_TRACE_ENTRY_STORE(0, c, seq);
 
   const bool selfAlive = c.state->alive[c.rank] != 0;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
@@ -1701,6 +1706,7 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
   uint64_t target = 0;
   if (!c.staged) {
     target = combine_wait_rows(p, seq, selfAlive, hasWork, s_pull);
+    LL_TRACE_COMBINE(c, seq, 2);
   } else {
     for (int s = threadIdx.x; s < R; s += blockDim.x) s_pull[s] = 0;
     if (hasWork) {
@@ -1744,6 +1750,7 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
     }
     __syncthreads();
   }
+  LL_TRACE_COMBINE(c, seq, 3);
   if (!c.staged) combine_advance_target(c, target);
 }
 
@@ -1759,9 +1766,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Co
 // No hook: send, then receive in the same kernel (grid within the waiting-block budget).
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_fused_kernel(CombineParams p) {
   extern __shared__ int s_dynamic[];
+  LL_TRACE_ENTRY();
   const int seq = next_seq(&p.c.state->combineSeq[p.c.parity]);
+  LL_TRACE_COMBINE(p.c, seq, 0);
+  LL_TRACE_ENTRY_STORE(1, p.c, seq);
   combine_send(p, seq, s_dynamic);
+  LL_TRACE_COMBINE(p.c, seq, 1);
   combine_recv(p, seq);
+  LL_TRACE_COMBINE(p.c, seq, 7);
 }
 
 // ---- host side -------------------------------------------------------------------------------------
