@@ -8,7 +8,7 @@
 # The working tree's file is put back at the end. Prepare here, e.g.:
 #
 #   mkdir -p scratch/variants
-#   git show ll-experiments:cuda/src/low_latency.cu > scratch/variants/experiments.cu
+#   for t in map combine all; do git show exp-$t:cuda/src/low_latency.cu > scratch/variants/$t.cu; done
 #   run(carry [".device", "scratch"], timeout_s 600, command "bash scripts/variants-batch.sh")
 #
 # About 40 s for base and 120 s per variant: at most 4 variants fit. Output under $OUT: summary.md
