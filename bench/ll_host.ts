@@ -1,7 +1,8 @@
 // Developer probe: what one low-latency call costs the host (the CPU time inside dispatchSync /
 // combineSync until the launch is queued), beside a bare kernel launch and a copy kernel's launch
 // through the same FFI. With R ranks in one process these costs add up to the launch skew that the
-// events rows of bench/low_latency.ts include. DeepEP's decode config, 2 ranks on one GPU.
+// events rows of bench/low_latency.ts include. DeepEP's decode config, 2 ranks on one GPU. Last, the
+// same calls with the native entry points stubbed out: the JS side's own share.
 //   bun bench/ll_host.ts [--calls 400]      (add --cpu-prof-md before the script for a JS profile)
 
 import { check, native } from "../lib/ffi.ts";
@@ -75,6 +76,30 @@ hostUs("combineSync (fused kernel, zero-copy), per rank-call", (i) => {
     handle, zeroCopy: true, out: null, hook: false, asyncFinish: false, stream: st.stream.handle,
   });
 });
+
+// The JS side alone: the same calls with the two native entry points replaced by no-ops (restored
+// after; each rank makes as many calls, so the ranks' buffer parities stay in step).
+const symbols = lib as unknown as Record<string, unknown>;
+const realDispatch = symbols.bun_ep_ll_dispatch, realCombine = symbols.bun_ep_ll_combine;
+try {
+  symbols.bun_ep_ll_dispatch = () => 0;
+  symbols.bun_ep_ll_combine = () => 0;
+  hostUs("dispatchSync, JS only (native entry a no-op)", (i) => void dispatch(i % 2, false));
+  hostUs("combineSync, JS only (native entry a no-op)", (i) => {
+    const r = i % 2;
+    const st = states[r]!;
+    const handle = pair[Math.floor(i / 2) % 2]![r]!.handle;
+    st.engine.combineSync({
+      x: st.engine.getNextCombineBuffer(handle), topkIdx: data[r]!.topkIdx, topkWeights: data[r]!.topkWeights,
+      handle, zeroCopy: true, out: null, hook: false, asyncFinish: false, stream: st.stream.handle,
+    });
+  });
+} catch (err) {
+  console.log(`JS-only timing not possible here: ${(err as Error).message}`);
+} finally {
+  symbols.bun_ep_ll_dispatch = realDispatch;
+  symbols.bun_ep_ll_combine = realCombine;
+}
 last = [];
 syncAll();
 src.free();
