@@ -346,7 +346,10 @@ async function benchmark(c: Config, model: ToyModel, ranks: Rank[]): Promise<voi
   if (ranks.some((r) => r.stream !== null)) {
     const plain = median(samples.plain) * 1000;
     const hooked = median(samples.hooked) * 1000;
-    say(`step latency (median of ${samples.plain.length} graph replays, both micro-batches): without hooks ${plain.toFixed(1)} us, with hooks ${hooked.toFixed(1)} us (${((1 - hooked / plain) * 100).toFixed(1)}% less)`);
+    // On one GPU the hooks cannot hide anything (the transfers use the same SMs and HBM as the
+    // compute), so "slower" is an expected outcome there; across GPUs they hide the wire time.
+    const change = hooked <= plain ? `${((1 - hooked / plain) * 100).toFixed(1)}% faster` : `${((hooked / plain - 1) * 100).toFixed(1)}% slower`;
+    say(`step latency (median of ${samples.plain.length} graph replays, both micro-batches): without hooks ${plain.toFixed(1)} us, with hooks ${hooked.toFixed(1)} us (hooks ${change})`);
   }
   say(`all ${c.steps * 2 + 2} steps exact on every rank of this process; sequence 0 of rank ${ranks[0]!.rank} now at token ${seq[0]}`);
 }
