@@ -14,15 +14,16 @@
 #   setup.log          device, toolchain, build
 #   tests.log          every test run, whole
 #   bench.log          bench/low_latency.ts, the decode example and its HTTP self-test
+#   bench-mps-off.log  bench/low_latency.ts again with MPS stopped (one process needs none)
 #   low_latency.json   the benchmark's results (bench/results/low_latency.json of this run)
-# (6 files: the device brings back at most 8 from $OUT, so add at most 2.)
+# (7 files: the device brings back at most 8 from $OUT, so add at most 1.)
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-/tmp/one-gpu-out}
 mkdir -p "$OUT"
 START=$(date +%s)
 DEADLINE=$((START + ${BATCH_BUDGET_S:-540}))
-SETUP_LOG=$OUT/setup.log TESTS_LOG=$OUT/tests.log BENCH_LOG=$OUT/bench.log
+SETUP_LOG=$OUT/setup.log TESTS_LOG=$OUT/tests.log BENCH_LOG=$OUT/bench.log BENCH_NO_MPS_LOG=$OUT/bench-mps-off.log
 STATUS=$OUT/status.md
 # The device's copy of .git lags the working tree it was sent with (its HEAD was an older commit in
 # every run of 2026-12-01): name the commit from here, e.g. command "BUN_EP_COMMIT=$(git rev-parse
@@ -55,6 +56,14 @@ fi
 step "$BENCH_LOG" "decode example" 90 "bun examples/decode-loop.ts --ranks 2"
 step "$BENCH_LOG" "decode example --serve" 90 "bun examples/decode-loop.ts --ranks 2 --serve --requests 8"
 mps_stop >> "$SETUP_LOG" 2>&1
+# One process needs no MPS (its ranks' streams share one context): the benchmark again without it,
+# where a launch costs the host what it costs a deployment (one rank per GPU, no MPS). Its JSON is
+# not kept (the one above, with MPS on, is).
+if [ "${BATCH_QUICK:-0}" != 1 ]; then
+  sleep 2  # the MPS server's quit is asynchronous
+  step "$BENCH_NO_MPS_LOG" "bench/low_latency.ts, MPS off" 120 \
+    "env -u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY bun bench/low_latency.ts --iterations 50"
+fi
 
 {
   echo "# one-GPU batch, bun-ep $COMMIT, $(date -u +%FT%TZ), $(($(date +%s) - START)) s"
@@ -69,6 +78,9 @@ mps_stop >> "$SETUP_LOG" 2>&1
   echo
   echo "## bench/low_latency.ts, graph rows"
   grep -E '^\| [^|]+ \| [0-9] \| (dispatch|combine)[^|]* \| graph' "$BENCH_LOG" || echo "(none)"
+  echo
+  echo "## bench/low_latency.ts with MPS off, events and graph-of-20 rows"
+  grep -E '^\| [^|]+ \| [0-9] \| (dispatch|combine) \| (events|graph of)' "$BENCH_NO_MPS_LOG" 2>/dev/null || echo "(none)"
   echo
   echo "## decode example"
   grep -E 'step latency|exact|requests answered' "$BENCH_LOG" || echo "(none)"
