@@ -49,6 +49,12 @@ run_variant() {
 }
 
 run_variant base 0
+# The host's cost per call, and (where Nsight Systems is installed) which CUDA calls it is made of.
+step "$OUT/base.log" "base: host probe" 60 "bun bench/ll_host.ts"
+if command -v nsys > /dev/null 2>&1; then
+  step "$OUT/base.log" "base: host probe under nsys" 120 \
+    "nsys profile -t cuda -o /tmp/ll_host -f true bun bench/ll_host.ts > /dev/null && nsys stats -r cuda_api_sum /tmp/ll_host.nsys-rep | head -40"
+fi
 for file in "$VARIANTS"/*.cu; do
   [ -f "$file" ] || continue
   cp "$file" "$SOURCE"
@@ -66,7 +72,7 @@ mps_stop >> "$OUT/base.log" 2>&1
     echo "## $(basename "$log" .log)"
     grep -E '^\(fail\)|threw$|^ *[0-9]+ (pass|fail)$' "$log" | cut -c1-300
     grep -E '^\| [^|]+ \| [0-9] \| (dispatch|combine) \| graph of' "$log"
-    grep -E '^(dispatch|combine) R=|rank 0 (sender )?blocks' "$log" | cut -c1-400
+    grep -E '^(dispatch|combine) R=|rank 0 (sender )?blocks|per call' "$log" | cut -c1-400
   done
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
