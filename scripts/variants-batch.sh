@@ -2,7 +2,7 @@
 # Low-latency kernel variants side by side in one device call (nvidia-h200 or nvidia-h100-x1, ranks
 # sharing the GPU under MPS). Each file $VARIANTS/<name>.cu (default scratch/variants, carried) is a
 # version of cuda/src/low_latency.cu. The working tree's own file runs first as "base" (build, bench,
-# trace); then each variant: build, the low-latency tests (default, BUN_EP_LL_COPY_ENGINES=all,
+# trace, bench/ll_host.ts and its CUDA API summary under nsys where installed); then each variant: build, the low-latency tests (default, BUN_EP_LL_COPY_ENGINES=all,
 # BUN_EP_LL_WAITING_BLOCKS=2), bench/low_latency.ts, and the phase traces of a trace build (dispatch
 # EP2 / EP8, the floor combine at EP8).
 # The working tree's file is put back at the end. Prepare here, e.g.:
