@@ -12,7 +12,7 @@ import { internodeSymbols } from "./native/internode.ts";
 import { runtimeSymbols } from "./native/runtime.ts";
 
 /** Must equal BUN_EP_ABI_VERSION in cuda/include/bun_ep.h. */
-export const ABI_VERSION = 2;
+export const ABI_VERSION = 3;
 
 const allSymbols = { ...runtimeSymbols, ...normalSymbols, ...lowLatencySymbols, ...nvshmemSymbols, ...internodeSymbols };
 

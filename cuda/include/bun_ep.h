@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define BUN_EP_ABI_VERSION 2
+#define BUN_EP_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define BUN_EP_API __attribute__((visibility("default")))

@@ -113,4 +113,9 @@ BUN_EP_API bunEpResult_t bun_ep_ll_clean(void* context, void* stream);
  * the kernels write; never synchronizes. */
 BUN_EP_API bunEpResult_t bun_ep_ll_check(void* context);
 
+/* The mapped host memory bun_ep_ll_check reads (int32 [4]; word 0 is nonzero once a wait of this
+ * context timed out), so a caller can test it per call without a native call and call
+ * bun_ep_ll_check only when it is set. Valid until bun_ep_ll_destroy. */
+BUN_EP_API bunEpResult_t bun_ep_ll_error_word(void* context, const int32_t** word);
+
 #endif /* BUN_EP_LOW_LATENCY_H */

@@ -2364,6 +2364,14 @@ bunEpResult_t bun_ep_ll_check(void* context) {
                    phase, (long long)ctx->config.rank, word[1], ctx->config.timeoutNs / 1e6);
 }
 
+bunEpResult_t bun_ep_ll_error_word(void* context, const int32_t** word) {
+  Context* ctx = context_of(context);
+  BUN_EP_REQUIRE(ctx != nullptr, "context: expected a context from bun_ep_ll_create, got NULL");
+  BUN_EP_REQUIRE(word != nullptr, "word: expected an int32_t* pointer, got NULL");
+  *word = ctx->errorHost;
+  return bunEpSuccess;
+}
+
 #ifdef BUN_EP_LL_TRACE
 // Developer trace build only: the direct dispatch's phase stamps (see g_trace), u64
 // [calls][ranks][blocks][points] ns; 0 where no block stamped.

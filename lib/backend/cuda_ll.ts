@@ -4,7 +4,7 @@
 // Every call only launches kernels: no host sync, no allocation on the device, fixed shapes, so a
 // decode step can be captured into a CUDA graph (`args.stream` may be a capturing stream).
 
-import { ptr } from "bun:ffi";
+import { ptr, toArrayBuffer } from "bun:ffi";
 import { hostname } from "node:os";
 import { BunEpError, check, native } from "../ffi.ts";
 import { LL_COMBINE, LL_CONFIG, LL_DISPATCH, LL_PHASE, LL_TRANSPORT, LL_VIEWS } from "../native/low_latency.ts";
@@ -96,6 +96,8 @@ export class LowLatencyEngine {
   readonly #memory: BufferMemory;
   #context: number;
   readonly #views: [ParityViews, ParityViews];
+  /** The context's error record in mapped host memory (word 0 nonzero: a wait timed out). */
+  readonly #errorWord: Int32Array;
   readonly #dispatchArgs = new Int64Fields(LL_DISPATCH.fields);
   readonly #combineArgs = new Int64Fields(LL_COMBINE.fields);
   #nextParity: 0 | 1 = 0;
@@ -124,6 +126,9 @@ export class LowLatencyEngine {
     this.transport = fields.memory.kind === "nvshmem" ? "nvshmem" : "peerPointers";
     this.#context = fields.context;
     this.#views = [this.#makeViews(0), this.#makeViews(1)];
+    const wordPointer = new BigUint64Array(1);
+    check(native().bun_ep_ll_error_word(this.#context, wordPointer), `low-latency error word of rank ${this.rank}`);
+    this.#errorWord = new Int32Array(toArrayBuffer(Number(wordPointer[0]), 0, 16));
   }
 
   /** Collective over init.group: allocate and register the buffer, exchange peer pointers. */
@@ -212,9 +217,12 @@ export class LowLatencyEngine {
     return this.#views[parity];
   }
 
-  /** Throws (BunEpError "Timeout", naming the rank) if a kernel of this engine waited in vain. */
+  /** Throws (BunEpError "Timeout", naming the rank) if a kernel of this engine waited in vain.
+   * Reads the error word the kernels write (mapped host memory) with no native call; only a set
+   * word goes to the native check, which words the error (and marks the context unusable). */
   checkError(): void {
     this.#checkOpen("checkError");
+    if (this.#errorWord[0] === 0) return;
     check(native().bun_ep_ll_check(this.#context), `low-latency buffer ${this.bufferId} of rank ${this.rank}`);
   }
 

@@ -1,5 +1,6 @@
 // bun:ffi symbol table for cuda/include/bun_ep_low_latency.h (merged by lib/ffi.ts, the only dlopen),
-// and the field indices of its argument structs (every field 8 bytes: fill a BigInt64Array).
+// and the field indices of its argument structs (every field 8 bytes: fill them with Int64Fields,
+// lib/backend/cuda_common.ts).
 import type { FFIFunction } from "bun:ffi";
 
 const status = "i32" as const;
@@ -14,6 +15,7 @@ export const lowLatencySymbols = {
   bun_ep_ll_set_rank_mask: { args: ["ptr", "ptr"], returns: status },
   bun_ep_ll_clean: { args: ["ptr", "ptr"], returns: status },
   bun_ep_ll_check: { args: ["ptr"], returns: status },
+  bun_ep_ll_error_word: { args: ["ptr", "ptr"], returns: status },
 } as const satisfies Record<string, FFIFunction>;
 
 /** BUN_EP_LL_TRANSPORT_*. */
