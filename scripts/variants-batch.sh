@@ -5,7 +5,9 @@
 # trace, bench/ll_host.ts and its CUDA API summary under nsys where installed); then each variant: build, the low-latency tests (default, BUN_EP_LL_COPY_ENGINES=all,
 # BUN_EP_LL_WAITING_BLOCKS=2), bench/low_latency.ts, and the phase traces of a trace build (dispatch
 # EP2 / EP8, the floor combine at EP8).
-# The working tree's file is put back at the end. Prepare here, e.g.:
+# The working tree's file is put back at the end. A variant must come from a commit on top of the
+# working tree's (the TypeScript side is the working tree's: same native symbols and ABI version).
+# Prepare here, e.g.:
 #
 #   mkdir -p scratch/variants
 #   for t in map combine all; do git show exp-$t:cuda/src/low_latency.cu > scratch/variants/$t.cu; done
