@@ -59,6 +59,9 @@ if command -v nsys > /dev/null 2>&1; then
 fi
 for file in "$VARIANTS"/*.cu; do
   [ -f "$file" ] || continue
+  # A fresh MPS server per variant: a variant whose kernels time out can leave the old one refusing
+  # clients (cudaErrorDevicesUnavailable: seen in session 6), which would fail every later variant.
+  { mps_stop; sleep 2; mps_start; } >> "$OUT/base.log" 2>&1
   cp "$file" "$SOURCE"
   run_variant "$(basename "$file" .cu)" 1
 done
