@@ -35,6 +35,10 @@ source .device/remote.sh > "$SETUP_LOG" 2>&1
 # shellcheck source=scripts/batch_steps.sh
 source scripts/batch_steps.sh
 mps_start >> "$SETUP_LOG" 2>&1
+# A step whose kernels timed out can leave the MPS server refusing clients (cudaErrorDevicesUnavailable,
+# session 6): a fresh one after every failed step keeps the later steps meaningful.
+restart_mps() { mps_stop; sleep 2; mps_start; }
+STEP_ON_FAILURE=restart_mps
 echo "bun-ep $COMMIT (dirty files: $(git status --porcelain 2>/dev/null | wc -l)), $(date -u +%FT%TZ)" >> "$SETUP_LOG"
 echo "| step | result | took | log |" > "$STATUS"
 echo "|---|---|---|---|" >> "$STATUS"
@@ -56,6 +60,7 @@ fi
 step "$BENCH_LOG" "decode example" 90 "bun examples/decode-loop.ts --ranks 2"
 step "$BENCH_LOG" "decode example --serve" 90 "bun examples/decode-loop.ts --ranks 2 --serve --requests 8"
 mps_stop >> "$SETUP_LOG" 2>&1
+STEP_ON_FAILURE=  # MPS stays off from here
 # One process needs no MPS (its ranks' streams share one context): the benchmark again without it,
 # where a launch costs the host what it costs a deployment (one rank per GPU, no MPS). Its JSON is
 # not kept (the one above, with MPS on, is).

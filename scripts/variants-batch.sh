@@ -30,6 +30,8 @@ source .device/remote.sh > "$OUT/base.log" 2>&1
 # shellcheck source=scripts/batch_steps.sh
 source scripts/batch_steps.sh
 mps_start >> "$OUT/base.log" 2>&1
+restart_mps() { mps_stop; sleep 2; mps_start; }
+STEP_ON_FAILURE=restart_mps  # a failed step can leave MPS refusing clients (see below)
 cp "$SOURCE" /tmp/low_latency.base.cu
 echo "| step | result | took | log |" > "$STATUS"
 echo "|---|---|---|---|" >> "$STATUS"
@@ -61,7 +63,7 @@ for file in "$VARIANTS"/*.cu; do
   [ -f "$file" ] || continue
   # A fresh MPS server per variant: a variant whose kernels time out can leave the old one refusing
   # clients (cudaErrorDevicesUnavailable: seen in session 6), which would fail every later variant.
-  { mps_stop; sleep 2; mps_start; } >> "$OUT/base.log" 2>&1
+  restart_mps >> "$OUT/base.log" 2>&1
   cp "$file" "$SOURCE"
   run_variant "$(basename "$file" .cu)" 1
 done
