@@ -60,6 +60,8 @@ export interface ParityViews {
 }
 
 const outPointer = new BigUint64Array(1);
+/** The hook of a call made without `hook: true`: nothing to do. One function for all such calls. */
+const NO_HOOK = (): void => {};
 
 function devicePointer(t: Tensor | null, name: string): number {
   if (t === null) return 0;
@@ -96,6 +98,8 @@ export class LowLatencyEngine {
   readonly #memory: BufferMemory;
   #context: number;
   readonly #views: [ParityViews, ParityViews];
+  /** Per parity, combinedX's first n rows at index n (made on first use). */
+  readonly #combinedRowViews: [DeviceTensor<"bf16">[], DeviceTensor<"bf16">[]] = [[], []];
   /** The context's error record in mapped host memory (word 0 nonzero: a wait timed out). */
   readonly #errorWord: Int32Array;
   readonly #dispatchArgs = new Int64Fields(LL_DISPATCH.fields);
@@ -247,28 +251,12 @@ export class LowLatencyEngine {
   /** Launches the dispatch (send, and receive unless hook) and returns its outputs at once. */
   dispatchSync(args: LowLatencyDispatchArgs): LowLatencyDispatchResult {
     this.checkError();
-    const [numTokens = 0] = args.x.shape;
+    const numTokens = args.x.shape[0] ?? 0;
     const numTopk = args.topkIdx.shape[1] ?? 0;
     this.#checkCall("lowLatencyDispatch", args.maxTokensPerRank, args.numExperts, args.x.shape[1] ?? 0, numTopk);
     const parity = this.#nextParity;
     const stream = args.stream ?? this.commStream;
-    const a = this.#dispatchArgs;
-    const fill = (phases: number): void => {
-      a.set(LL_DISPATCH.x, devicePointer(args.x, "x"));
-      a.set(LL_DISPATCH.topkIdx, devicePointer(args.topkIdx, "topkIdx"));
-      a.set(LL_DISPATCH.numTokens, numTokens);
-      a.set(LL_DISPATCH.numTopk, numTopk);
-      a.set(LL_DISPATCH.parity, parity);
-      a.set(LL_DISPATCH.useFp8, args.useFp8 ? 1 : 0);
-      a.set(LL_DISPATCH.roundScale, args.roundScale ? 1 : 0);
-      a.set(LL_DISPATCH.useUe8m0, args.useUe8m0 ? 1 : 0);
-      a.set(LL_DISPATCH.cumulativeRecvStats, devicePointer(args.cumulativeRecvStats, "cumulativeRecvStats"));
-      a.set(LL_DISPATCH.waitStats, devicePointer(args.waitStats, "waitStats"));
-      a.set(LL_DISPATCH.phases, phases);
-      a.set(LL_DISPATCH.stream, stream);
-      check(native().bun_ep_ll_dispatch(this.#context, a.data), `lowLatencyDispatch on rank ${this.rank}`);
-    };
-    fill(args.hook ? LL_PHASE.send : LL_PHASE.send | LL_PHASE.recv);
+    this.#launchDispatch(args, numTokens, numTopk, parity, stream, args.hook ? LL_PHASE.send : LL_PHASE.send | LL_PHASE.recv);
     // Only a launched call takes the parity (a refused one leaves the alternation as it was).
     this.#nextParity = parity === 0 ? 1 : 0;
 
@@ -291,8 +279,30 @@ export class LowLatencyEngine {
       recvCount: views.recvCount,
       handle,
       event: args.asyncFinish && !args.hook ? this.#recordEvent(stream) : null,
-      hook: this.#hookOnce("lowLatencyDispatch", args.hook, () => fill(LL_PHASE.recv)),
+      hook: args.hook
+        ? this.#hookOnce("lowLatencyDispatch", () => this.#launchDispatch(args, numTokens, numTopk, parity, stream, LL_PHASE.recv))
+        : NO_HOOK,
     };
+  }
+
+  // The native call of a dispatch phase (the struct is this engine's, refilled per launch). Its
+  // error message is built only on failure: a template string per call showed in the profile.
+  #launchDispatch(args: LowLatencyDispatchArgs, numTokens: number, numTopk: number, parity: 0 | 1, stream: number, phases: number): void {
+    const a = this.#dispatchArgs;
+    a.set(LL_DISPATCH.x, devicePointer(args.x, "x"));
+    a.set(LL_DISPATCH.topkIdx, devicePointer(args.topkIdx, "topkIdx"));
+    a.set(LL_DISPATCH.numTokens, numTokens);
+    a.set(LL_DISPATCH.numTopk, numTopk);
+    a.set(LL_DISPATCH.parity, parity);
+    a.set(LL_DISPATCH.useFp8, args.useFp8 ? 1 : 0);
+    a.set(LL_DISPATCH.roundScale, args.roundScale ? 1 : 0);
+    a.set(LL_DISPATCH.useUe8m0, args.useUe8m0 ? 1 : 0);
+    a.set(LL_DISPATCH.cumulativeRecvStats, devicePointer(args.cumulativeRecvStats, "cumulativeRecvStats"));
+    a.set(LL_DISPATCH.waitStats, devicePointer(args.waitStats, "waitStats"));
+    a.set(LL_DISPATCH.phases, phases);
+    a.set(LL_DISPATCH.stream, stream);
+    const status = native().bun_ep_ll_dispatch(this.#context, a.data);
+    if (status !== 0) check(status, `lowLatencyDispatch on rank ${this.rank}`);
   }
 
   /** Launches the combine (send, and receive unless hook) and returns combinedX at once. */
@@ -302,26 +312,31 @@ export class LowLatencyEngine {
     const numTokens = args.handle.numTokens;
     const parity = args.handle.bufferParity;
     const stream = args.stream ?? this.commStream;
-    const combinedX = args.out ?? this.#views[parity].combinedX.rows(0, numTokens);
-    const a = this.#combineArgs;
-    const fill = (phases: number): void => {
-      a.set(LL_COMBINE.x, devicePointer(args.x, "x"));
-      a.set(LL_COMBINE.topkIdx, devicePointer(args.topkIdx, "topkIdx"));
-      a.set(LL_COMBINE.topkWeights, devicePointer(args.topkWeights, "topkWeights"));
-      a.set(LL_COMBINE.numTokens, numTokens);
-      a.set(LL_COMBINE.numTopk, data.numTopk);
-      a.set(LL_COMBINE.parity, parity);
-      a.set(LL_COMBINE.out, devicePointer(combinedX, "out"));
-      a.set(LL_COMBINE.phases, phases);
-      a.set(LL_COMBINE.stream, stream);
-      check(native().bun_ep_ll_combine(this.#context, a.data), `lowLatencyCombine on rank ${this.rank}`);
-    };
-    fill(args.hook ? LL_PHASE.send : LL_PHASE.send | LL_PHASE.recv);
+    const combinedX = args.out ?? this.#combinedRows(parity, numTokens);
+    this.#launchCombine(args, data.numTopk, combinedX, stream, args.hook ? LL_PHASE.send : LL_PHASE.send | LL_PHASE.recv);
     return {
       combinedX,
       event: args.asyncFinish && !args.hook ? this.#recordEvent(stream) : null,
-      hook: this.#hookOnce("lowLatencyCombine", args.hook, () => fill(LL_PHASE.recv)),
+      hook: args.hook
+        ? this.#hookOnce("lowLatencyCombine", () => this.#launchCombine(args, data.numTopk, combinedX, stream, LL_PHASE.recv))
+        : NO_HOOK,
     };
+  }
+
+  // The native call of a combine phase (as #launchDispatch).
+  #launchCombine(args: LowLatencyCombineArgs, numTopk: number, combinedX: Tensor, stream: number, phases: number): void {
+    const a = this.#combineArgs;
+    a.set(LL_COMBINE.x, devicePointer(args.x, "x"));
+    a.set(LL_COMBINE.topkIdx, devicePointer(args.topkIdx, "topkIdx"));
+    a.set(LL_COMBINE.topkWeights, devicePointer(args.topkWeights, "topkWeights"));
+    a.set(LL_COMBINE.numTokens, args.handle.numTokens);
+    a.set(LL_COMBINE.numTopk, numTopk);
+    a.set(LL_COMBINE.parity, args.handle.bufferParity);
+    a.set(LL_COMBINE.out, devicePointer(combinedX, "out"));
+    a.set(LL_COMBINE.phases, phases);
+    a.set(LL_COMBINE.stream, stream);
+    const status = native().bun_ep_ll_combine(this.#context, a.data);
+    if (status !== 0) check(status, `lowLatencyCombine on rank ${this.rank}`);
   }
 
   /** bf16 [El, R*M, H]: write expert outputs here for a zero-copy combine with this handle. */
@@ -418,8 +433,19 @@ export class LowLatencyEngine {
     return data;
   }
 
-  #hookOnce(what: string, armed: boolean, launch: () => void): () => void {
-    if (!armed) return () => {};
+  /** combinedX's first `numTokens` rows of one parity, made once per (parity, count): creating a
+   * tensor view per call was most of combineSync's JS time (CPU profile, session 6). */
+  #combinedRows(parity: 0 | 1, numTokens: number): DeviceTensor<"bf16"> {
+    const cache = this.#combinedRowViews[parity];
+    let rows = cache[numTokens];
+    if (rows === undefined) {
+      rows = this.#views[parity].combinedX.rows(0, numTokens);
+      cache[numTokens] = rows;
+    }
+    return rows;
+  }
+
+  #hookOnce(what: string, launch: () => void): () => void {
     let called = false;
     return () => {
       if (called) throw new Error(`${what}: hook() may be called only once`);
