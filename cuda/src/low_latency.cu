@@ -1492,10 +1492,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_recv_ker
 
 // ---- combine -------------------------------------------------------------------------------------
 
-// Copy n int4 by one warp with eight non-coherent loads in flight per lane (expert outputs were
-// written by earlier kernels; the destination is a peer's receive area).
+// Copy n int4 by one warp with four non-coherent loads in flight per lane (expert outputs were
+// written by earlier kernels; the destination is a peer's receive area). Eight in flight held 32
+// registers: within the combine kernels' 64 that made them spill (each spilled value then costs an
+// L1 round trip, an L2 one under the largest shared-memory split).
 __device__ __forceinline__ void warp_copy_int4_wide(int4* dst, const int4* src, int n, int lane) {
-  constexpr int kInFlight = 8;
+  constexpr int kInFlight = 4;
   int i = lane;
   for (; i + 32 * (kInFlight - 1) < n; i += 32 * kInFlight) {
     int4 v[kInFlight];
@@ -1515,7 +1517,10 @@ __device__ __forceinline__ void warp_copy_int4_wide(int4* dst, const int4* src, 
 
 // The send phase of call `seq`: every valid (expert, slot) row goes to its home rank. The rows of all
 // local experts form one flat list (prefix of recvCount in shared memory) spread over every warp of
-// the grid, so a few busy experts never leave most warps idle.
+// the grid, so a few busy experts never leave most warps idle. kStaged: the NVSHMEM transport
+// (p.kStaged); the peer-pointer instantiation has none of its code (no NVSHMEM calls, whose saved
+// registers made the fused kernel spill 400 bytes per thread).
+template <bool kStaged>
 __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   __shared__ int s_last;
   __shared__ int s_rowsTo[kMaxRanks];
@@ -1524,7 +1529,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   const int R = l.numRanks, El = l.numLocalExperts;
   char* region = c.local_region();
   const bool selfAlive = c.state->alive[c.rank] != 0;
-  if (!c.staged)
+  if (!kStaged)
     for (int q = threadIdx.x; q < R; q += blockDim.x) s_rowsTo[q] = 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int globalWarp = blockIdx.x * kWarps + warp, numWarps = gridDim.x * kWarps;
@@ -1549,9 +1554,9 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
   // Peer pointers: with fewer rows than warps, each row goes as kCombinePartsPerRow slices, one warp
   // each (a tiny call's latency is then one slice's copy, not a whole row's); bigger calls send
   // whole rows (a slice's bookkeeping loads would not pay off).
-  const int parts = !c.staged && total * kCombinePartsPerRow <= numWarps ? kCombinePartsPerRow : 1;
+  const int parts = !kStaged && total * kCombinePartsPerRow <= numWarps ? kCombinePartsPerRow : 1;
   const int partInt4 = (rowInt4 + parts - 1) / parts;
-  if (!c.staged && blockIdx.x == 0) {
+  if (!kStaged && blockIdx.x == 0) {
     // Every live home first learns how many slices this rank sends it in this call (from the
     // handle's ranges), as a count word: it waits for the word (naming a rank that never starts the
     // call), then for that many slices on its arrived counter.
@@ -1581,11 +1586,11 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
     const int64_t offset = c.parity_offset() + l.combineRecv + ((int64_t)t * l.maxTopk + k) * l.hidden * 2;
     const __nv_bfloat16* src = p.x + flat * l.hidden;
     char* peer = c.peers[s];
-    if (peer != nullptr) {
+    if (!kStaged || peer != nullptr) {
       const int begin = part * partInt4;
       warp_copy_int4_wide(reinterpret_cast<int4*>(peer + offset) + begin, reinterpret_cast<const int4*>(src) + begin,
                           min(partInt4, rowInt4 - begin), lane);
-      if (lane == 0 && !c.staged) atomicAdd(&s_rowsTo[s], 1);  // counts slices
+      if (lane == 0 && !kStaged) atomicAdd(&s_rowsTo[s], 1);  // counts slices
       continue;
     }
     // A put reads a symmetric source: the combine buffer's own row (copied there unless the
@@ -1598,7 +1603,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
     put_warp(c.local + offset, staged, (size_t)l.hidden * 2, s);
   }
 
-  if (!c.staged) {
+  if (!kStaged) {
     // Peer pointers: no flags; each block announces its slices to their homes' arrived counters.
     __syncthreads();
     announce_rows(c, c.peers, s_rowsTo, l.combineArrived);
@@ -1670,6 +1675,7 @@ __device__ __forceinline__ void combine_advance_target(const Common& c, uint64_t
   if (threadIdx.x == 0 && last_block_arrived(&c.state->combineRecvDone[c.parity])) c.state->combineExpected[c.parity] = target;
 }
 
+template <bool kStaged>
 __device__ void combine_recv(const CombineParams& p, int seq) {
   __shared__ int s_row[kMaxTopk];
   __shared__ int s_owner[kMaxTopk];
@@ -1704,7 +1710,7 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
   if (hasWork) load_token(loaded);
 
   uint64_t target = 0;
-  if (!c.staged) {
+  if (!kStaged) {
     target = combine_wait_rows(p, seq, selfAlive, hasWork, s_pull);
     LL_TRACE_COMBINE(c, seq, 2);
   } else {
@@ -1740,41 +1746,52 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
       s_rows[k] = src;
     }
     __syncthreads();
-    // About eight row loads in flight per thread whatever top-k is: few rows, more vectors each.
+    // Row loads in flight per thread: 4 up to top-4, 8 above. Wider variants (4 x 2 vectors, 2 x 4)
+    // held more registers than the kernel's 64 and spilled.
     if (K <= 2) {
-      combine_token<4, 2>(s_rows, begin, end, K, s_weight, out);
+      combine_token<2, 2>(s_rows, begin, end, K, s_weight, out);
     } else if (K <= 4) {
-      combine_token<2, 4>(s_rows, begin, end, K, s_weight, out);
+      combine_token<1, 4>(s_rows, begin, end, K, s_weight, out);
     } else {
       combine_token<1, kCombineRowsInFlight>(s_rows, begin, end, K, s_weight, out);
     }
     __syncthreads();
   }
-  LL_TRACE_COMBINE(c, seq, 3);
-  if (!c.staged) combine_advance_target(c, target);
+  if (!kStaged) combine_advance_target(c, target);
 }
 
+// The kernels come in two instantiations: kStaged == p.c.staged (the host picks, combine_kernels).
+template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(CombineParams p) {
   extern __shared__ int s_dynamic[];
-  combine_send(p, next_seq(&p.c.state->combineSeq[p.c.parity]), s_dynamic);
+  combine_send<kStaged>(p, next_seq(&p.c.state->combineSeq[p.c.parity]), s_dynamic);
 }
 
+template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(CombineParams p) {
-  combine_recv(p, ld_volatile(&p.c.state->combineSeq[p.c.parity]));
+  combine_recv<kStaged>(p, ld_volatile(&p.c.state->combineSeq[p.c.parity]));
 }
 
 // No hook: send, then receive in the same kernel (grid within the waiting-block budget).
+template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_fused_kernel(CombineParams p) {
   extern __shared__ int s_dynamic[];
   LL_TRACE_ENTRY();
   const int seq = next_seq(&p.c.state->combineSeq[p.c.parity]);
-  LL_TRACE_COMBINE(p.c, seq, 0);
-  LL_TRACE_ENTRY_STORE(1, p.c, seq);
-  combine_send(p, seq, s_dynamic);
-  LL_TRACE_COMBINE(p.c, seq, 1);
-  combine_recv(p, seq);
-  LL_TRACE_COMBINE(p.c, seq, 7);
+  combine_send<kStaged>(p, seq, s_dynamic);
+  combine_recv<kStaged>(p, seq);
 }
+
+// The combine kernels of one transport.
+struct CombineKernels {
+  void (*send)(CombineParams);
+  void (*recv)(CombineParams);
+  void (*fused)(CombineParams);
+};
+template <bool kStaged>
+constexpr CombineKernels kCombineKernels{combine_send_kernel<kStaged>, combine_recv_kernel<kStaged>,
+                                         combine_fused_kernel<kStaged>};
+CombineKernels combine_kernels(bool staged) { return staged ? kCombineKernels<true> : kCombineKernels<false>; }
 
 // ---- host side -------------------------------------------------------------------------------------
 
@@ -2045,8 +2062,9 @@ bunEpResult_t set_shared_carveout(int device, int64_t ranksOnDevice) {
       (const void*)dispatch_send_kernel,      (const void*)dispatch_recv_kernel,
       (const void*)dispatch_direct_kernel,    (const void*)dispatch_fused_kernel,
       (const void*)dispatch_blob_send_kernel, (const void*)dispatch_blob_recv_kernel,
-      (const void*)combine_send_kernel,       (const void*)combine_recv_kernel,
-      (const void*)combine_fused_kernel,
+      (const void*)combine_send_kernel<false>, (const void*)combine_recv_kernel<false>,
+      (const void*)combine_fused_kernel<false>, (const void*)combine_send_kernel<true>,
+      (const void*)combine_recv_kernel<true>,  (const void*)combine_fused_kernel<true>,
   };
   for (const void* kernel : kernels)
     BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
@@ -2305,18 +2323,19 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
   const int64_t rowsBound = (int64_t)l.numRanks * l.maxTokens * std::min(l.maxTopk, l.numLocalExperts);
   const int64_t workBlocks = std::max<int64_t>(p.numTokens, (rowsBound + kWarps - 1) / kWarps);
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(workBlocks, ctx->waitingBlockBudget));
+  const CombineKernels kernels = combine_kernels(p.c.staged);
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
-    combine_fused_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
+    kernels.fused<<<grid, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
     return bunEpSuccess;
   }
   if (args->phases & BUN_EP_LL_PHASE_SEND) {
     // A pull send only publishes its markers (block 0).
-    combine_send_kernel<<<p.pull ? 1 : grid, kThreads, sendSmem, stream>>>(p);
+    kernels.send<<<p.pull ? 1 : grid, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
   }
   if ((args->phases & BUN_EP_LL_PHASE_RECV) && p.numTokens > 0) {
-    combine_recv_kernel<<<std::min(p.numTokens * kMaxTokenSplits, grid), kThreads, 0, stream>>>(p);
+    kernels.recv<<<std::min(p.numTokens * kMaxTokenSplits, grid), kThreads, 0, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
   }
   return bunEpSuccess;
