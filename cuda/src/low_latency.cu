@@ -1520,8 +1520,10 @@ __device__ __forceinline__ void warp_copy_int4_wide(int4* dst, const int4* src, 
 // the grid, so a few busy experts never leave most warps idle. kStaged: the NVSHMEM transport
 // (p.kStaged); the peer-pointer instantiation has none of its code (no NVSHMEM calls, whose saved
 // registers made the fused kernel spill 400 bytes per thread).
+// recordSeq false (the fused peer-pointer kernel): the call number is recorded by the receive
+// phase's last block instead (one grid-completion atomic per call, and none before the waits).
 template <bool kStaged>
-__device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
+__device__ void combine_send(const CombineParams& p, int seq, int* s_prefix, bool recordSeq) {
   __shared__ int s_last;
   __shared__ int s_rowsTo[kMaxRanks];
   const Common& c = p.c;
@@ -1545,7 +1547,8 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
         if (selfAlive && c.state->alive[q])
           st_release_sys(reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + l.combineCountWords) + c.rank,
                              count_word(seq, kPullMarker));
-    if (threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity])) c.state->combineSeq[c.parity] = seq;
+    if (recordSeq && threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity]))
+      c.state->combineSeq[c.parity] = seq;
     return;
   }
   warp_exclusive_scan(reinterpret_cast<const int*>(region + l.recvCount), El, s_prefix);
@@ -1607,7 +1610,8 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix) {
     // Peer pointers: no flags; each block announces its slices to their homes' arrived counters.
     __syncthreads();
     announce_rows(c, c.peers, s_rowsTo, l.combineArrived);
-    if (threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity])) c.state->combineSeq[c.parity] = seq;
+    if (recordSeq && threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity]))
+      c.state->combineSeq[c.parity] = seq;
     return;
   }
   quiet_block(c);
@@ -1670,13 +1674,18 @@ __device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool self
   return base + slices;
 }
 
-// After the block's reduce (off the wait's path): the grid's last block stores the new target.
-__device__ __forceinline__ void combine_advance_target(const Common& c, uint64_t target) {
-  if (threadIdx.x == 0 && last_block_arrived(&c.state->combineRecvDone[c.parity])) c.state->combineExpected[c.parity] = target;
+// After the block's reduce (off the wait's path): the grid's last block stores the new target, and
+// the call number `seq` unless it is negative (the send phase recorded it).
+__device__ __forceinline__ void combine_advance_target(const Common& c, uint64_t target, int seq) {
+  if (threadIdx.x == 0 && last_block_arrived(&c.state->combineRecvDone[c.parity])) {
+    c.state->combineExpected[c.parity] = target;
+    if (seq >= 0) c.state->combineSeq[c.parity] = seq;
+  }
 }
 
+// recordSeq: the fused peer-pointer kernel, whose send phase left the call number to this phase.
 template <bool kStaged>
-__device__ void combine_recv(const CombineParams& p, int seq) {
+__device__ void combine_recv(const CombineParams& p, int seq, bool recordSeq) {
   __shared__ int s_row[kMaxTopk];
   __shared__ int s_owner[kMaxTopk];
   __shared__ int s_slot[kMaxTopk];
@@ -1757,19 +1766,19 @@ __device__ void combine_recv(const CombineParams& p, int seq) {
     }
     __syncthreads();
   }
-  if (!kStaged) combine_advance_target(c, target);
+  if (!kStaged) combine_advance_target(c, target, recordSeq ? seq : -1);
 }
 
 // The kernels come in two instantiations: kStaged == p.c.staged (the host picks, combine_kernels).
 template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(CombineParams p) {
   extern __shared__ int s_dynamic[];
-  combine_send<kStaged>(p, next_seq(&p.c.state->combineSeq[p.c.parity]), s_dynamic);
+  combine_send<kStaged>(p, next_seq(&p.c.state->combineSeq[p.c.parity]), s_dynamic, true);
 }
 
 template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(CombineParams p) {
-  combine_recv<kStaged>(p, ld_volatile(&p.c.state->combineSeq[p.c.parity]));
+  combine_recv<kStaged>(p, ld_volatile(&p.c.state->combineSeq[p.c.parity]), false);
 }
 
 // No hook: send, then receive in the same kernel (grid within the waiting-block budget).
@@ -1778,8 +1787,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_fused_kernel(C
   extern __shared__ int s_dynamic[];
   LL_TRACE_ENTRY();
   const int seq = next_seq(&p.c.state->combineSeq[p.c.parity]);
-  combine_send<kStaged>(p, seq, s_dynamic);
-  combine_recv<kStaged>(p, seq);
+  // Peer pointers: the receive phase's last block records the call number (see combine_send).
+  combine_send<kStaged>(p, seq, s_dynamic, kStaged);
+  combine_recv<kStaged>(p, seq, !kStaged);
 }
 
 // The combine kernels of one transport.
