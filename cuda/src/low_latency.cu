@@ -1641,7 +1641,7 @@ __device__ __forceinline__ int combine_row_of(const CombineParams& p, bool selfA
 
 // Peer pointers: every live sender's count word of call `seq` (naming a rank that never writes it),
 // then the arrived counter up to the slices those words announce. Returns the new cumulative target,
-// which the grid's last block stores once the block's work is done (combine_advance_target).
+// which the grid's last block stores once the block's work is done (finish_recv).
 // s_pull[s] is set for senders that let this rank read its rows from their combine buffer.
 __device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool selfAlive, bool hasWork, int* s_pull) {
   const Common& c = p.c;
@@ -1674,13 +1674,19 @@ __device__ uint64_t combine_wait_rows(const CombineParams& p, int seq, bool self
   return base + slices;
 }
 
-// After the block's reduce (off the wait's path): the grid's last block stores the new target, and
-// the call number `seq` unless it is negative (the send phase recorded it).
-__device__ __forceinline__ void combine_advance_target(const Common& c, uint64_t target, int seq) {
-  if (threadIdx.x == 0 && last_block_arrived(&c.state->combineRecvDone[c.parity])) {
-    c.state->combineExpected[c.parity] = target;
-    if (seq >= 0) c.state->combineSeq[c.parity] = seq;
-  }
+// The receive phase's grid completion, in two halves. Thread 0 takes a ticket once the block's
+// target is known, so the atomic's round trip overlaps the block's reduce (taken after it, the
+// round trip was the last thing every block waited for). After the reduce, the holder of the last
+// ticket resets the counter and stores the new target, and the call number `seq` unless it is
+// negative (the send phase recorded it). Other threads hold ticket -1.
+__device__ __forceinline__ int take_recv_ticket(const Common& c) {
+  return threadIdx.x == 0 ? atomicAdd(&c.state->combineRecvDone[c.parity], 1) : -1;
+}
+__device__ __forceinline__ void finish_recv(const Common& c, int ticket, uint64_t target, int seq) {
+  if (ticket != (int)gridDim.x - 1) return;
+  c.state->combineRecvDone[c.parity] = 0;
+  c.state->combineExpected[c.parity] = target;
+  if (seq >= 0) c.state->combineSeq[c.parity] = seq;
 }
 
 // recordSeq: the fused peer-pointer kernel, whose send phase left the call number to this phase.
@@ -1718,10 +1724,14 @@ __device__ void combine_recv(const CombineParams& p, int seq, bool recordSeq) {
   int loaded = hasWork ? (int)blockIdx.x / splits : -1;
   if (hasWork) load_token(loaded);
 
-  uint64_t target = 0;
+  // Thread 0's new arrived target, kept in shared memory across the reduce (in a register it made
+  // the fused kernel spill).
+  __shared__ uint64_t s_target;
+  int ticket = -1;
   if (!kStaged) {
-    target = combine_wait_rows(p, seq, selfAlive, hasWork, s_pull);
-    LL_TRACE_COMBINE(c, seq, 2);
+    const uint64_t target = combine_wait_rows(p, seq, selfAlive, hasWork, s_pull);
+    if (threadIdx.x == 0) s_target = target;
+    ticket = take_recv_ticket(c);
   } else {
     for (int s = threadIdx.x; s < R; s += blockDim.x) s_pull[s] = 0;
     if (hasWork) {
@@ -1766,7 +1776,7 @@ __device__ void combine_recv(const CombineParams& p, int seq, bool recordSeq) {
     }
     __syncthreads();
   }
-  if (!kStaged) combine_advance_target(c, target, recordSeq ? seq : -1);
+  if (!kStaged) finish_recv(c, ticket, s_target, recordSeq ? seq : -1);
 }
 
 // The kernels come in two instantiations: kStaged == p.c.staged (the host picks, combine_kernels).
