@@ -1730,6 +1730,7 @@ __device__ void combine_recv(const CombineParams& p, int seq, bool recordSeq) {
   int ticket = -1;
   if (!kStaged) {
     const uint64_t target = combine_wait_rows(p, seq, selfAlive, hasWork, s_pull);
+    LL_TRACE_COMBINE(c, seq, 2);
     if (threadIdx.x == 0) s_target = target;
     ticket = take_recv_ticket(c);
   } else {
@@ -1776,6 +1777,7 @@ __device__ void combine_recv(const CombineParams& p, int seq, bool recordSeq) {
     }
     __syncthreads();
   }
+  LL_TRACE_COMBINE(c, seq, 3);
   if (!kStaged) finish_recv(c, ticket, s_target, recordSeq ? seq : -1);
 }
 
@@ -1797,9 +1799,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_fused_kernel(C
   extern __shared__ int s_dynamic[];
   LL_TRACE_ENTRY();
   const int seq = next_seq(&p.c.state->combineSeq[p.c.parity]);
+  LL_TRACE_COMBINE(p.c, seq, 0);
+  LL_TRACE_ENTRY_STORE(1, p.c, seq);
   // Peer pointers: the receive phase's last block records the call number (see combine_send).
   combine_send<kStaged>(p, seq, s_dynamic, kStaged);
+  LL_TRACE_COMBINE(p.c, seq, 1);
   combine_recv<kStaged>(p, seq, !kStaged);
+  LL_TRACE_COMBINE(p.c, seq, 7);
 }
 
 // The combine kernels of one transport.
