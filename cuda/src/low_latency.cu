@@ -2071,8 +2071,9 @@ bunEpResult_t env_int(const char* name, long min, long max, const char* unit, in
 // it until the timeout (8 ranks, 512 tokens; H200, BENCHMARKS.md "session 5"). A peer's own compute
 // kernel between dispatch and combine (a GEMM with much shared memory) can meet the same. One
 // split for all cured it; a preference sized to our need did not. Its cost: 28 KB of L1, the
-// combine 8-14% slower on one GPU. A rank alone on its GPU waits only on other GPUs, so it keeps
-// the driver's choice. The attribute is per kernel and device, set once per process.
+// combine 8-14% slower on one GPU while its kernels spilled (they no longer do). A rank alone on
+// its GPU waits only on other GPUs, so it keeps the driver's choice. The attribute is per kernel
+// and device, set once per process.
 // Testing: BUN_EP_LL_CARVEOUT=N (0..100) sets N percent for every kernel, however many ranks share
 // the GPU (to measure a split's cost, or whether it keeps ranks sharing a GPU apart).
 bunEpResult_t set_shared_carveout(int device, int64_t ranksOnDevice) {
