@@ -27,12 +27,13 @@ const T = Number(option("--tokens", "128"));
 const K = Number(option("--topk", "8"));
 const CALLS = 20;
 // g_trace's shape: [ops][calls][ranks][blocks][points]
-const OPS_T = 2, CALLS_T = 8, RANKS_T = 8, BLOCKS_T = 256, POINTS_T = 11, ENTRY = 10;
+const OPS_T = 2, CALLS_T = 8, RANKS_T = 8, BLOCKS_T = 256, POINTS_T = 16, ENTRY = 10;
 const OP_INDEX = OP === "dispatch" ? 0 : 1;
 // The points each op stamps, in the order its code passes them (point 7: the block's end).
 const POINTS: readonly (readonly [number, string])[] =
   OP === "dispatch"
-    ? [[0, "seq"], [1, "routing"], [2, "publish"], [8, "counted"], [9, "waited"], [3, "planned"], [4, "sent"], [5, "announced"], [7, "end"]]
+    ? [[0, "seq"], [1, "routing"], [2, "publish"], [11, "acks"], [12, "loads issued"], [13, "zeroed"], [14, "synced"], [8, "counted"],
+       [9, "waited"], [3, "planned"], [4, "sent"], [5, "announced"], [7, "end"]]
     : [[0, "seq"], [1, "sent"], [2, "waited"], [3, "summed"], [7, "end"]];
 
 requireGpu("bench/ll_trace.ts");

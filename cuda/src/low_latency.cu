@@ -100,7 +100,7 @@ constexpr int kMaxCopyStreams = 4;
 // bun_ep_ll_debug_trace copies both out. Point 10 is the kernel's first instruction (taken before
 // the call number is known, stored with point 0).
 #ifdef BUN_EP_LL_TRACE
-constexpr int kTraceOps = 2, kTraceCalls = 8, kTraceRanks = 8, kTraceBlocks = 256, kTracePoints = 11;
+constexpr int kTraceOps = 2, kTraceCalls = 8, kTraceRanks = 8, kTraceBlocks = 256, kTracePoints = 16;
 __device__ unsigned long long g_trace[kTraceOps][kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
 __device__ unsigned long long g_trace_clock[kTraceOps][kTraceCalls][kTraceRanks][kTraceBlocks][kTracePoints];
 // call: the call number of its parity, times 2, plus the parity (calls of a rank in order).
@@ -1024,7 +1024,9 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
     s_pos[i / kMaxTopk][i % kMaxTopk] = 0;
     s_begin[i / kMaxTopk][i % kMaxTopk] = 0;
   }
+  if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 13);
   __syncthreads();
+  if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 14);
   for (int j = 0; j < n; ++j) count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j]);
   if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 8);  // sender blocks' points 8 and 9: first batch only
   // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
@@ -1220,6 +1222,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   // next copy-engine blob of this parity may come (see await_acks). After the counts: the release
   // store's fence would delay them.
   if (blockIdx.x == 0) send_acks(c, seq, s_alive);
+  LL_TRACE(c, seq, 11);
 
   // This block's tokens: blockIdx.x + j * senders, in batches of kPlanBatch.
   const int numMine = (T - (int)blockIdx.x + senders - 1) / senders;
@@ -1229,6 +1232,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
     // The first row's first two chunks are read before the planning waits (their loads overlap them).
     RawChunk first = p.useFp8 ? load_chunk(row_of(tFirst), threadIdx.x, (int)threadIdx.x < H / 16) : RawChunk{};
     RawChunk second = p.useFp8 ? second_chunk(p, tFirst) : RawChunk{};
+    if (batch == 0) LL_TRACE(c, seq, 12);
     plan_tokens_direct(p, seq, s_topk, s_alive, s_peers, tFirst, senders, n, s_pos, s_begin, s_dest, s_scales, s_rowsTo);
     if (batch == 0) LL_TRACE(c, seq, 3);
     for (int j = 0; j < n; ++j) {
