@@ -8,7 +8,6 @@
 import { check, native } from "../lib/ffi.ts";
 import { LocalGroup } from "../lib/group.ts";
 import { DeviceTensor } from "../lib/tensor.ts";
-import type { LowLatencyDispatchResult } from "../lib/backend/types.ts";
 import { createEngines, makeInputs, toDevice, type LlShape } from "../test/gpu/fixtures/ll_harness.ts";
 import { describeDevices, median, requireGpu } from "./common.ts";
 
@@ -52,7 +51,6 @@ hostUs("copy kernel, 1 MiB (bun_ep_debug_copy_bytes)", () =>
   check(lib.bun_ep_debug_copy_bytes(dst.ptr, src.ptr, 1 << 20, 528, stream0.handle), "copy"));
 hostUs("engine.checkError()", () => states[0]!.engine.checkError());
 
-let last: LowLatencyDispatchResult[] = [];
 const dispatch = (r: number, hook: boolean) =>
   states[r]!.engine.dispatchSync({
     x: data[r]!.x, topkIdx: data[r]!.topkIdx, maxTokensPerRank: shape.maxTokensPerRank, numExperts: shape.numExperts,
@@ -60,14 +58,11 @@ const dispatch = (r: number, hook: boolean) =>
     stream: states[r]!.stream.handle,
   });
 // Ranks alternate (each call of rank 0 is matched by rank 1's next), so the kernels complete.
-hostUs("dispatchSync (direct kernel), per rank-call", (i) => {
-  const r = i % 2;
-  last[r] = dispatch(r, false);
-});
+hostUs("dispatchSync (direct kernel), per rank-call", (i) => void dispatch(i % 2, false));
 // The combines alternate between the handles of the last two dispatches (one per buffer parity),
 // as two micro-batches do.
 const pair = [[dispatch(0, false), dispatch(1, false)], [dispatch(0, false), dispatch(1, false)]];
-hostUs("combineSync (fused kernel, zero-copy), per rank-call", (i) => {
+const combine = (i: number) => {
   const r = i % 2;
   const st = states[r]!;
   const handle = pair[Math.floor(i / 2) % 2]![r]!.handle;
@@ -75,7 +70,8 @@ hostUs("combineSync (fused kernel, zero-copy), per rank-call", (i) => {
     x: st.engine.getNextCombineBuffer(handle), topkIdx: data[r]!.topkIdx, topkWeights: data[r]!.topkWeights,
     handle, zeroCopy: true, out: null, hook: false, asyncFinish: false, stream: st.stream.handle,
   });
-});
+};
+hostUs("combineSync (fused kernel, zero-copy), per rank-call", combine);
 
 // The JS side alone: the same calls with the two native entry points replaced by no-ops (restored
 // after; each rank makes as many calls, so the ranks' buffer parities stay in step).
@@ -85,22 +81,13 @@ try {
   symbols.bun_ep_ll_dispatch = () => 0;
   symbols.bun_ep_ll_combine = () => 0;
   hostUs("dispatchSync, JS only (native entry a no-op)", (i) => void dispatch(i % 2, false));
-  hostUs("combineSync, JS only (native entry a no-op)", (i) => {
-    const r = i % 2;
-    const st = states[r]!;
-    const handle = pair[Math.floor(i / 2) % 2]![r]!.handle;
-    st.engine.combineSync({
-      x: st.engine.getNextCombineBuffer(handle), topkIdx: data[r]!.topkIdx, topkWeights: data[r]!.topkWeights,
-      handle, zeroCopy: true, out: null, hook: false, asyncFinish: false, stream: st.stream.handle,
-    });
-  });
+  hostUs("combineSync, JS only (native entry a no-op)", combine);
 } catch (err) {
   console.log(`JS-only timing not possible here: ${(err as Error).message}`);
 } finally {
   symbols.bun_ep_ll_dispatch = realDispatch;
   symbols.bun_ep_ll_combine = realCombine;
 }
-last = [];
 syncAll();
 src.free();
 dst.free();

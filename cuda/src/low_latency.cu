@@ -1522,7 +1522,7 @@ __device__ __forceinline__ void warp_copy_int4_wide(int4* dst, const int4* src, 
 // The send phase of call `seq`: every valid (expert, slot) row goes to its home rank. The rows of all
 // local experts form one flat list (prefix of recvCount in shared memory) spread over every warp of
 // the grid, so a few busy experts never leave most warps idle. kStaged: the NVSHMEM transport
-// (p.kStaged); the peer-pointer instantiation has none of its code (no NVSHMEM calls, whose saved
+// (p.c.staged); the peer-pointer instantiation has none of its code (no NVSHMEM calls, whose saved
 // registers made the fused kernel spill 400 bytes per thread).
 // recordSeq false (the fused peer-pointer kernel): the call number is recorded by the receive
 // phase's last block instead (one grid-completion atomic per call, and none before the waits).
