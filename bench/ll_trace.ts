@@ -7,7 +7,9 @@
 // ranks; the timer ticks every 256 ns or so on H200), and the median SM cycles from each block's
 // first instruction to each point (exact). Needs a trace build:
 // BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE bun run build
-//   bun bench/ll_trace.ts [--op dispatch|combine] [--ranks 2] [--tokens 128] [--topk 8]
+//   bun bench/ll_trace.ts [--op dispatch|combine] [--ranks 2] [--tokens 128] [--topk 8] [--span 14,15,8]
+// --span P,Q,...: also, for rank 0 of the last call, every 8th sender block's SM cycles between
+// those points in turn (where a phase's cost depends on the block's tokens).
 import { dlopen, ptr } from "bun:ffi";
 import { resolve } from "node:path";
 import { LocalGroup } from "../lib/group.ts";
@@ -26,13 +28,14 @@ const R = Number(option("--ranks", "2"));
 const T = Number(option("--tokens", "128"));
 const K = Number(option("--topk", "8"));
 const CALLS = 20;
+const SPAN = process.argv.includes("--span") ? option("--span", "").split(",").map(Number) : [];
 // g_trace's shape: [ops][calls][ranks][blocks][points]
 const OPS_T = 2, CALLS_T = 8, RANKS_T = 8, BLOCKS_T = 256, POINTS_T = 16, ENTRY = 10;
 const OP_INDEX = OP === "dispatch" ? 0 : 1;
 // The points each op stamps, in the order its code passes them (point 7: the block's end).
 const POINTS: readonly (readonly [number, string])[] =
   OP === "dispatch"
-    ? [[0, "seq"], [1, "routing"], [2, "publish"], [11, "acks"], [12, "loads issued"], [13, "zeroed"], [14, "synced"], [8, "counted"],
+    ? [[0, "seq"], [1, "routing"], [2, "publish"], [11, "acks"], [12, "loads issued"], [13, "zeroed"], [14, "synced"], [15, "scanned"], [8, "counted"],
        [9, "waited"], [3, "planned"], [4, "sent"], [5, "announced"], [7, "end"]]
     : [[0, "seq"], [1, "sent"], [2, "waited"], [3, "summed"], [7, "end"]];
 
@@ -126,6 +129,15 @@ for (const c of calls.slice(-3)) {
     const who = OP === "dispatch" ? "sender blocks" : "blocks";
     console.log(`  rank ${r} ${who}, median cycles from entry at ${rate.toFixed(2)} cycles/ns: ${steps.join(" | ")}`);
   }
+}
+if (SPAN.length > 1 && calls.length > 0) {
+  const c = calls.at(-1)!;
+  const used = Array.from({ length: BLOCKS_T }, (_, b) => b).filter((b) => at(c, 0, b, 0) > 0);
+  const senders = OP === "dispatch" ? used.slice(0, -1) : used;
+  const rows = senders
+    .filter((b) => b % 8 === 0)
+    .map((b) => `b${b} ${SPAN.slice(1).map((p, i) => cycles(c, 0, b, p) - cycles(c, 0, b, SPAN[i]!)).join("/")}`);
+  console.log(`  rank 0, cycles between points ${SPAN.join(" > ")} per block: ${rows.join(" | ")}`);
 }
 await Promise.all(states.map((st) => st.engine.close()));
 process.exit(0);

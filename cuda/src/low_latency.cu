@@ -511,7 +511,13 @@ __device__ unsigned long long block_sum(unsigned long long value) {
 // distinct (load_routing), so an entry matches at most one k.
 // Two 16-bit counters per register keep the kernel within its 64 registers without spills (a thread
 // sees at most T * K / blockDim entries, and T * K ints fit in shared memory: far below 65536).
-__device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, int K, int* s_pos) {
+// afterScan(counts): called once the pass is done (the trace build stamps a point there).
+struct NoTracePoint {
+  __device__ void operator()(unsigned) const {}
+};
+template <typename AfterScan = NoTracePoint>
+__device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, int K, int* s_pos,
+                                                     AfterScan afterScan = {}) {
   int mine[kMaxTopk];
   unsigned counts[kMaxTopk / 2];
 #pragma unroll
@@ -523,6 +529,7 @@ __device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, i
 #pragma unroll
     for (int k = 0; k < kMaxTopk; ++k) counts[k / 2] += (e >= 0 && e == mine[k]) ? (1u << (16 * (k % 2))) : 0u;
   }
+  afterScan(counts[0]);
 #pragma unroll
   for (int k = 0; k < kMaxTopk; ++k) {
     if (k >= K || mine[k] < 0) continue;  // block-uniform
@@ -1027,7 +1034,13 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
   if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 13);
   __syncthreads();
   if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 14);
-  for (int j = 0; j < n; ++j) count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j]);
+  for (int j = 0; j < n; ++j) {
+    // Point 15: the first token's pass done (it reads the counts, so it is not stamped early).
+    const auto scanned = [&](unsigned counts) {
+      if (j == 0 && tFirst == (int)blockIdx.x && counts != 0xffffffffu) LL_TRACE(c, seq, 15);
+    };
+    count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j], scanned);
+  }
   if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 8);  // sender blocks' points 8 and 9: first batch only
   // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
   // owner's own word is awaited too: the owner has then started this call, so it is done (in its
