@@ -2299,10 +2299,9 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
     return dispatch_by_copy_engines(ctx, p, args->phases, stream);
   const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + cfg.numExperts) * sizeof(int);
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV) && !p.c.staged) {
-    // Peer pointers, no hook: rows go straight into the receivers' packed slots. One block per
-    // token (within the budget, so every rank's blocks are resident together).
-    // Senders (one per token, within the budget, so every rank's blocks are resident together), plus
-    // the receiver block.
+    // Peer pointers, no hook: rows go straight into the receivers' packed slots. One sender block
+    // per token (within the budget, so every rank's blocks are resident together), plus the
+    // receiver block.
     const int senders = std::max(1, std::min(p.numTokens, ctx->waitingBlockBudget - 1));
     dispatch_direct_kernel<<<senders + 1, kThreads, sendSmem, stream>>>(p);
     BUN_EP_LAUNCH_CHECK();
