@@ -530,11 +530,13 @@ __device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, i
     for (int k = 0; k < kMaxTopk; ++k) counts[k / 2] += (e >= 0 && e == mine[k]) ? (1u << (16 * (k % 2))) : 0u;
   }
   afterScan(counts[0]);
+  // Each thread adds its own non-zero counts: matches are few (about t * K * K / numExperts in the
+  // whole block), and a warp sum per position (8 dependent __reduce_add_sync) cost a sender block
+  // about 1,200 cycles even with nothing to add (session 7's cycle trace, H200).
 #pragma unroll
   for (int k = 0; k < kMaxTopk; ++k) {
-    if (k >= K || mine[k] < 0) continue;  // block-uniform
-    const unsigned total = __reduce_add_sync(0xffffffffu, (counts[k / 2] >> (16 * (k % 2))) & 0xffffu);
-    if ((threadIdx.x & 31) == 0 && total != 0) atomicAdd(&s_pos[k], (int)total);
+    const int count = (int)((counts[k / 2] >> (16 * (k % 2))) & 0xffffu);
+    if (count != 0) atomicAdd(&s_pos[k], count);
   }
 }
 
@@ -772,6 +774,7 @@ __device__ __forceinline__ int next_seq(const int* counter) {
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(DispatchParams p) {
   extern __shared__ int s_dynamic[];
+  await_previous_kernel();
   dispatch_send(p, next_seq(&p.c.state->dispatchSeq[p.c.parity]), s_dynamic);
 }
 
@@ -914,6 +917,7 @@ __device__ void dispatch_recv(const DispatchParams& p, int seq) {
 }
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(DispatchParams p) {
+  await_previous_kernel();
   dispatch_recv(p, ld_volatile(&p.c.state->dispatchSeq[p.c.parity]));
 }
 
@@ -971,8 +975,8 @@ __device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int
 // The count of a count word written by rank `s` for call `seq` (bounded wait; on a timeout `s` is
 // recorded for `phase` and 0 returned: the call's results are void). The failure word (an earlier
 // wait of this rank timed out: do not wait again) is read beside the first read, not after it.
-__device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
-  int64_t value = ld_relaxed_sys(word);
+// `value`: the word's first read, issued by the caller (early, so that its round trip overlaps other work).
+__device__ int wait_count_word(const Common& c, const int64_t* word, int64_t value, int s, int seq, int phase) {
   const int failed = ld_volatile(&c.state->failed);
   if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
   if (failed != 0) return 0;
@@ -986,12 +990,21 @@ __device__ int wait_count_word(const Common& c, const int64_t* word, int s, int 
   return (int)(uint32_t)value;
 }
 
-// Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`.
+__device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
+  return wait_count_word(c, word, ld_relaxed_sys(word), s, seq, phase);
+}
+
+// The count word of source `s` for local expert `localExpert` at `owner`.
 // s_peers: the kernel's shared copy of c.peers (a global load of the peer's base would come first).
+__device__ __forceinline__ const int64_t* count_word_at(const Common& c, char* const* s_peers, int owner,
+                                                        int localExpert, int s) {
+  return reinterpret_cast<const int64_t*>(s_peers[owner] + c.parity_offset() + c.layout.countWords) +
+         (int64_t)localExpert * c.layout.numRanks + s;
+}
+
+// Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`.
 __device__ int wait_count(const Common& c, char* const* s_peers, int owner, int localExpert, int s, int seq) {
-  const int64_t* word = reinterpret_cast<const int64_t*>(s_peers[owner] + c.parity_offset() + c.layout.countWords) +
-                        (int64_t)localExpert * c.layout.numRanks + s;
-  return wait_count_word(c, word, s, seq, kPhaseDispatch);
+  return wait_count_word(c, count_word_at(c, s_peers, owner, localExpert, s), s, seq, kPhaseDispatch);
 }
 
 // Phase 1: this rank's per-expert token counts to the experts' owners. s_expertCount: [numExperts].
@@ -1027,6 +1040,22 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int K = p.numTopk, El = l.numLocalExperts, R = l.numRanks, me = c.rank;
+  // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
+  // owner's own word is awaited too: the owner has then started this call, so it is done (in its
+  // stream order) with whatever it did with this parity's outputs before. A thread's first word is
+  // read now: its round trip (about 0.8 us at EP2 on one H200) overlaps the zeroing and the counting.
+  const auto awaited = [&](int i, int& j, int& k, int& s, int& e) {
+    j = i / (K * R), k = (i / R) % K, s = i % R;
+    e = s_topk[(tFirst + j * stride) * K + k];
+    return !(e < 0 || (s >= me && s != e / El) || !s_alive[e / El] || !s_alive[s]);
+  };
+  // Only the value is held across the counting (the triple is found again after it: registers).
+  int64_t firstValue = 0;
+  {
+    int j, k, s, e;
+    if ((int)threadIdx.x < n * K * R && awaited(threadIdx.x, j, k, s, e))
+      firstValue = ld_relaxed_sys(count_word_at(c, s_peers, e / El, e % El, s));
+  }
   for (int i = threadIdx.x; i < n * kMaxTopk; i += blockDim.x) {
     s_pos[i / kMaxTopk][i % kMaxTopk] = 0;
     s_begin[i / kMaxTopk][i % kMaxTopk] = 0;
@@ -1042,14 +1071,12 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
     count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j], scanned);
   }
   if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 8);  // sender blocks' points 8 and 9: first batch only
-  // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
-  // owner's own word is awaited too: the owner has then started this call, so it is done (in its
-  // stream order) with whatever it did with this parity's outputs before.
   for (int i = threadIdx.x; i < n * K * R; i += blockDim.x) {
-    const int j = i / (K * R), k = (i / R) % K, s = i % R;
-    const int e = s_topk[(tFirst + j * stride) * K + k];
-    if (e < 0 || (s >= me && s != e / El) || !s_alive[e / El] || !s_alive[s]) continue;
-    const int count = wait_count(c, s_peers, e / El, e % El, s, seq);
+    int j, k, s, e;
+    if (!awaited(i, j, k, s, e)) continue;
+    const int64_t* word = count_word_at(c, s_peers, e / El, e % El, s);
+    const int count = wait_count_word(c, word, i == (int)threadIdx.x ? firstValue : ld_relaxed_sys(word), s, seq,
+                                      kPhaseDispatch);
     if (s < me && count != 0) atomicAdd(&s_begin[j][k], count);
   }
   __syncthreads();
@@ -1205,6 +1232,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   // ranges overlap the senders' stores (after a token of its own they were on the critical path).
   const int senders = (int)gridDim.x - 1;
   const bool receiver = (int)blockIdx.x == senders;
+  await_previous_kernel();
   LL_TRACE_ENTRY();
   const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
   LL_TRACE(c, seq, 0);
@@ -1272,6 +1300,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
 // Its grid fits the waiting-block budget, so every rank's blocks are resident together.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_fused_kernel(DispatchParams p) {
   extern __shared__ int s_dynamic[];
+  await_previous_kernel();
   const int seq = next_seq(&p.c.state->dispatchSeq[p.c.parity]);
   dispatch_send(p, seq, s_dynamic);
   dispatch_recv(p, seq);
@@ -1302,6 +1331,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_send_ker
   const int R = l.numRanks, K = p.numTopk, T = p.numTokens, E = c.numExperts;
   int* s_topk = s_dynamic;                 // [T * K]
   int* s_expertCount = s_dynamic + T * K;  // [E], block 0
+  await_previous_kernel();
   const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
   char* blob = c.local_region() + l.sendBlob;
   const BlobShape b = blob_shape(E, l.hidden, T, K, p.useFp8, p.useUe8m0);
@@ -1404,6 +1434,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_recv_ker
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int R = l.numRanks, El = l.numLocalExperts, me = c.rank;
+  await_previous_kernel();
   const int seq = ld_volatile(&c.state->dispatchSeq[c.parity]);
   char* region = c.local_region();
   const bool selfAlive = c.state->alive[me] != 0;
@@ -1802,11 +1833,13 @@ __device__ void combine_recv(const CombineParams& p, int seq, bool recordSeq) {
 template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(CombineParams p) {
   extern __shared__ int s_dynamic[];
+  await_previous_kernel();
   combine_send<kStaged>(p, next_seq(&p.c.state->combineSeq[p.c.parity]), s_dynamic, true);
 }
 
 template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(CombineParams p) {
+  await_previous_kernel();
   combine_recv<kStaged>(p, ld_volatile(&p.c.state->combineSeq[p.c.parity]), false);
 }
 
@@ -1814,6 +1847,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Co
 template <bool kStaged>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_fused_kernel(CombineParams p) {
   extern __shared__ int s_dynamic[];
+  await_previous_kernel();
   LL_TRACE_ENTRY();
   const int seq = next_seq(&p.c.state->combineSeq[p.c.parity]);
   LL_TRACE_COMBINE(p.c, seq, 0);
@@ -1855,6 +1889,8 @@ struct Context {
   // Copy-engine dispatch: possible for this context; also used without hook (else direct).
   bool copyEngines;
   bool copyEnginesWithoutHook;
+  // Kernels launched with programmatic stream serialization (sm_90+; BUN_EP_LL_PROGRAMMATIC_LAUNCH=0: off).
+  bool programmaticLaunch;
   int numCopyStreams;
   cudaStream_t copyStreams[kMaxCopyStreams];
   cudaEvent_t sendDone[2];
@@ -1864,6 +1900,28 @@ struct Context {
   std::vector<int> hostAlive;     // the rank mask as last set (which peers get copies)
   std::vector<char*> peersHost;  // every rank's buffer base as this process sees it
 };
+
+// Launches one of this file's kernels (kThreads per block) on `stream`. With ctx->programmaticLaunch
+// the launch may be processed while the stream's previous kernel drains (its blocks are scheduled
+// once that kernel's blocks have all exited; no early trigger, so no more blocks are resident than
+// without it). Every kernel here starts with await_previous_kernel(), so it reads nothing early.
+// Inside a graph the edge becomes a programmatic one: the ~1 us between kernels of one stream shrinks.
+template <typename Params>
+bunEpResult_t launch(const Context* ctx, void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream,
+                     const Params& p) {
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((unsigned)grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = ctx->programmaticLaunch ? 1 : 0;
+  BUN_EP_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  return bunEpSuccess;
+}
 
 int64_t dispatch_send_smem(const bunEpLowLatencyConfig_t& c) {
   return (c.maxTokensPerRank * c.maxTopk + c.numExperts) * (int64_t)sizeof(int);
@@ -2049,8 +2107,7 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
   if (phases & BUN_EP_LL_PHASE_SEND) {
     const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + p.c.numExperts) * sizeof(int);
     const int grid = std::max(1, std::min(p.numTokens, ctx->waitingBlockBudget * 2));
-    dispatch_blob_send_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, dispatch_blob_send_kernel, grid, sendSmem, stream, p));
     BUN_EP_TRY(queue_blob_copies(ctx, p, stream));
     ctx->sentSlotValid[parity] = true;
   }
@@ -2062,8 +2119,7 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
   // that can come (R * M) as kCombinePartsPerRow slices.
   const int64_t warpsWanted = (int64_t)l.numRanks * l.maxTokens * kCombinePartsPerRow;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ctx->waitingBlockBudget, (warpsWanted + kWarps - 1) / kWarps));
-  dispatch_blob_recv_kernel<<<grid, kThreads, (size_t)p.c.numExperts * sizeof(int), stream>>>(p);
-  BUN_EP_LAUNCH_CHECK();
+  BUN_EP_TRY(launch(ctx, dispatch_blob_recv_kernel, grid, (size_t)p.c.numExperts * sizeof(int), stream, p));
   return bunEpSuccess;
 }
 
@@ -2147,6 +2203,8 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   // several tokens per block (batched planning, next-row loads) and every waiting kernel loops.
   int waitingBlocksCap = 0;
   BUN_EP_TRY(env_int("BUN_EP_LL_WAITING_BLOCKS", 2, 1 << 20, "blocks per waiting grid", &waitingBlocksCap));
+  int programmaticLaunch = 1;
+  BUN_EP_TRY(env_int("BUN_EP_LL_PROGRAMMATIC_LAUNCH", 0, 1, "0: plain launches, 1: programmatic", &programmaticLaunch));
 
   Context* ctx = new Context{};
   ctx->config = *config;
@@ -2167,6 +2225,11 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
     return err == cudaSuccess ? bunEpSuccess : cuda_error(err, what, __FILE__, __LINE__);
   };
   bunEpResult_t status = cuda(cudaGetDevice(&ctx->device), "cudaGetDevice");
+  int computeMajor = 0;
+  if (status == bunEpSuccess)
+    status = cuda(cudaDeviceGetAttribute(&computeMajor, cudaDevAttrComputeCapabilityMajor, ctx->device),
+                  "cudaDeviceGetAttribute(compute capability)");
+  ctx->programmaticLaunch = programmaticLaunch == 1 && computeMajor >= 9;
   if (status == bunEpSuccess) status = cuda(cudaMalloc(&ctx->peersDevice, config->numRanks * sizeof(char*)), "cudaMalloc(peers)");
   if (status == bunEpSuccess)
     status = cuda(cudaMemcpy(ctx->peersDevice, config->peerBuffers, config->numRanks * sizeof(char*), cudaMemcpyHostToDevice),
@@ -2303,8 +2366,7 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
     // per token (within the budget, so every rank's blocks are resident together), plus the
     // receiver block.
     const int senders = std::max(1, std::min(p.numTokens, ctx->waitingBlockBudget - 1));
-    dispatch_direct_kernel<<<senders + 1, kThreads, sendSmem, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, dispatch_direct_kernel, senders + 1, sendSmem, stream, p));
     ctx->sentSlotValid[args->parity] = true;
     return bunEpSuccess;
   }
@@ -2312,20 +2374,17 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
     // One kernel: no second launch, no kernel boundary between the phases.
     const int grid = std::min(std::max(p.numTokens, El * p.recvSplitsPerExpert), ctx->waitingBlockBudget);
-    dispatch_fused_kernel<<<std::max(1, grid), kThreads, sendSmem, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, dispatch_fused_kernel, std::max(1, grid), sendSmem, stream, p));
     return bunEpSuccess;
   }
   if (args->phases & BUN_EP_LL_PHASE_SEND) {
     const int grid = std::max(1, p.numTokens);
-    dispatch_send_kernel<<<grid, kThreads, sendSmem, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, dispatch_send_kernel, grid, sendSmem, stream, p));
   }
   if (args->phases & BUN_EP_LL_PHASE_RECV) {
     // El <= budget: every (expert, split) its own block; else blocks loop over experts.
     const int grid = std::min(El * p.recvSplitsPerExpert, ctx->waitingBlockBudget);
-    dispatch_recv_kernel<<<std::max(1, grid), kThreads, 0, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, dispatch_recv_kernel, std::max(1, grid), 0, stream, p));
   }
   return bunEpSuccess;
 }
@@ -2368,18 +2427,15 @@ bunEpResult_t bun_ep_ll_combine(void* context, const bunEpLowLatencyCombineArgs_
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(workBlocks, ctx->waitingBlockBudget));
   const CombineKernels kernels = combine_kernels(p.c.staged);
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV)) {
-    kernels.fused<<<grid, kThreads, sendSmem, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, kernels.fused, grid, sendSmem, stream, p));
     return bunEpSuccess;
   }
   if (args->phases & BUN_EP_LL_PHASE_SEND) {
     // A pull send only publishes its markers (block 0).
-    kernels.send<<<p.pull ? 1 : grid, kThreads, sendSmem, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, kernels.send, p.pull ? 1 : grid, sendSmem, stream, p));
   }
   if ((args->phases & BUN_EP_LL_PHASE_RECV) && p.numTokens > 0) {
-    kernels.recv<<<std::min(p.numTokens * kMaxTokenSplits, grid), kThreads, 0, stream>>>(p);
-    BUN_EP_LAUNCH_CHECK();
+    BUN_EP_TRY(launch(ctx, kernels.recv, std::min(p.numTokens * kMaxTokenSplits, grid), 0, stream, p));
   }
   return bunEpSuccess;
 }

@@ -82,6 +82,16 @@ __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x &
 __device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x >> 5); }
 __device__ __forceinline__ int num_warps() { return static_cast<int>(blockDim.x >> 5); }
 
+// ---- programmatic dependent launch (sm_90+) ------------------------------------------------------
+// A kernel launched with programmatic stream serialization may start while the stream's previous
+// kernel drains: this waits until that kernel is complete and its memory visible. A no-op for a
+// kernel launched without the attribute (and before sm_90, where the attribute does not exist).
+__device__ __forceinline__ void await_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ---- time and bounded waits ----------------------------------------------------------------------
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
