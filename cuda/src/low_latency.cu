@@ -973,21 +973,24 @@ __device__ __forceinline__ void send_acks(const Common& c, int seq, const int* s
 __device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int64_t)seq << 32) | (uint32_t)count; }
 
 // The count of a count word written by rank `s` for call `seq` (bounded wait; on a timeout `s` is
-// recorded for `phase` and 0 returned: the call's results are void). The failure word (an earlier
-// wait of this rank timed out: do not wait again) is read beside the first read, not after it.
-// `value`: the word's first read, issued by the caller (early, so that its round trip overlaps other work).
+// recorded for `phase` and 0 returned: the call's results are void). `value`: the word's first
+// read, issued by the caller (early, so that its round trip overlaps other work). Only a word not
+// yet written reads the failure word (an earlier wait of this rank timed out: do not wait again),
+// beside each re-read: a failure load on the ready path left a round trip in flight that a later
+// reuse of its register waited for.
 __device__ int wait_count_word(const Common& c, const int64_t* word, int64_t value, int s, int seq, int phase) {
-  const int failed = ld_volatile(&c.state->failed);
   if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
-  if (failed != 0) return 0;
   const uint64_t start = globaltimer_ns();
-  while ((int)((value = ld_relaxed_sys(word)) >> 32) < seq) {
+  while (true) {
+    const int failed = ld_volatile(&c.state->failed);
+    value = ld_relaxed_sys(word);
+    if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
+    if (failed != 0) return 0;
     if (globaltimer_ns() - start > c.timeoutNs) {
       record_timeout(c.state, c.errorWord, s, phase);
       return 0;
     }
   }
-  return (int)(uint32_t)value;
 }
 
 __device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
