@@ -973,12 +973,11 @@ __device__ __forceinline__ void send_acks(const Common& c, int seq, const int* s
 __device__ __forceinline__ int64_t count_word(int seq, int count) { return ((int64_t)seq << 32) | (uint32_t)count; }
 
 // The count of a count word written by rank `s` for call `seq` (bounded wait; on a timeout `s` is
-// recorded for `phase` and 0 returned: the call's results are void). `value`: the word's first
-// read, issued by the caller (early, so that its round trip overlaps other work). Only a word not
-// yet written reads the failure word (an earlier wait of this rank timed out: do not wait again),
-// beside each re-read: a failure load on the ready path left a round trip in flight that a later
-// reuse of its register waited for.
-__device__ int wait_count_word(const Common& c, const int64_t* word, int64_t value, int s, int seq, int phase) {
+// recorded for `phase` and 0 returned: the call's results are void). Only a word not yet written
+// reads the failure word (an earlier wait of this rank timed out: do not wait again), beside each
+// re-read, so the ready path is one load.
+__device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
+  int64_t value = ld_relaxed_sys(word);
   if ((int)(value >> 32) >= seq) return (int)(uint32_t)value;
   const uint64_t start = globaltimer_ns();
   while (true) {
@@ -993,21 +992,12 @@ __device__ int wait_count_word(const Common& c, const int64_t* word, int64_t val
   }
 }
 
-__device__ int wait_count_word(const Common& c, const int64_t* word, int s, int seq, int phase) {
-  return wait_count_word(c, word, ld_relaxed_sys(word), s, seq, phase);
-}
-
-// The count word of source `s` for local expert `localExpert` at `owner`.
-// s_peers: the kernel's shared copy of c.peers (a global load of the peer's base would come first).
-__device__ __forceinline__ const int64_t* count_word_at(const Common& c, char* const* s_peers, int owner,
-                                                        int localExpert, int s) {
-  return reinterpret_cast<const int64_t*>(s_peers[owner] + c.parity_offset() + c.layout.countWords) +
-         (int64_t)localExpert * c.layout.numRanks + s;
-}
-
 // Source `s`'s count for local expert `localExpert` of call `seq`, from the count words at `owner`.
+// s_peers: the kernel's shared copy of c.peers (a global load of the peer's base would come first).
 __device__ int wait_count(const Common& c, char* const* s_peers, int owner, int localExpert, int s, int seq) {
-  return wait_count_word(c, count_word_at(c, s_peers, owner, localExpert, s), s, seq, kPhaseDispatch);
+  const int64_t* word = reinterpret_cast<const int64_t*>(s_peers[owner] + c.parity_offset() + c.layout.countWords) +
+                        (int64_t)localExpert * c.layout.numRanks + s;
+  return wait_count_word(c, word, s, seq, kPhaseDispatch);
 }
 
 // Phase 1: this rank's per-expert token counts to the experts' owners. s_expertCount: [numExperts].
@@ -1043,22 +1033,6 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
   const Common& c = p.c;
   const Layout& l = c.layout;
   const int K = p.numTopk, El = l.numLocalExperts, R = l.numRanks, me = c.rank;
-  // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
-  // owner's own word is awaited too: the owner has then started this call, so it is done (in its
-  // stream order) with whatever it did with this parity's outputs before. A thread's first word is
-  // read now: its round trip (about 0.8 us at EP2 on one H200) overlaps the zeroing and the counting.
-  const auto awaited = [&](int i, int& j, int& k, int& s, int& e) {
-    j = i / (K * R), k = (i / R) % K, s = i % R;
-    e = s_topk[(tFirst + j * stride) * K + k];
-    return !(e < 0 || (s >= me && s != e / El) || !s_alive[e / El] || !s_alive[s]);
-  };
-  // Only the value is held across the counting (the triple is found again after it: registers).
-  int64_t firstValue = 0;
-  {
-    int j, k, s, e;
-    if ((int)threadIdx.x < n * K * R && awaited(threadIdx.x, j, k, s, e))
-      firstValue = ld_relaxed_sys(count_word_at(c, s_peers, e / El, e % El, s));
-  }
   for (int i = threadIdx.x; i < n * kMaxTopk; i += blockDim.x) {
     s_pos[i / kMaxTopk][i % kMaxTopk] = 0;
     s_begin[i / kMaxTopk][i % kMaxTopk] = 0;
@@ -1074,12 +1048,14 @@ __device__ void plan_tokens_direct(const DispatchParams& p, int seq, const int* 
     count_earlier_tokens(s_topk, tFirst + j * stride, K, s_pos[j], scanned);
   }
   if (tFirst == (int)blockIdx.x) LL_TRACE(c, seq, 8);  // sender blocks' points 8 and 9: first batch only
+  // Begins: the counts of source ranks below this one, one (token, k, source) triple per thread. The
+  // owner's own word is awaited too: the owner has then started this call, so it is done (in its
+  // stream order) with whatever it did with this parity's outputs before.
   for (int i = threadIdx.x; i < n * K * R; i += blockDim.x) {
-    int j, k, s, e;
-    if (!awaited(i, j, k, s, e)) continue;
-    const int64_t* word = count_word_at(c, s_peers, e / El, e % El, s);
-    const int count = wait_count_word(c, word, i == (int)threadIdx.x ? firstValue : ld_relaxed_sys(word), s, seq,
-                                      kPhaseDispatch);
+    const int j = i / (K * R), k = (i / R) % K, s = i % R;
+    const int e = s_topk[(tFirst + j * stride) * K + k];
+    if (e < 0 || (s >= me && s != e / El) || !s_alive[e / El] || !s_alive[s]) continue;
+    const int count = wait_count(c, s_peers, e / El, e % El, s, seq);
     if (s < me && count != 0) atomicAdd(&s_begin[j][k], count);
   }
   __syncthreads();
