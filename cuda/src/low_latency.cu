@@ -438,6 +438,12 @@ __device__ __forceinline__ bool last_block_arrived(int* counter) {
   return true;
 }
 
+// The call-number bookkeeping of a kernel, by thread 0 after its block's work: the last block of
+// the grid to arrive at `done` records `seq` in `number` (the parity's next call reads it first).
+__device__ __forceinline__ void record_call_number(int& done, int& number, int seq) {
+  if (threadIdx.x == 0 && last_block_arrived(&done)) number = seq;
+}
+
 // Peer pointers: after __syncthreads (every row of the block written), add the block's row count per
 // destination rank to that rank's arrived counter at `counterOffset` (release: the rows come first).
 // `peers`: c.peers or a shared-memory copy of it.
@@ -1229,7 +1235,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   if (receiver) {
     // Call-number bookkeeping first: this block finishes last, and the atomic's round trip would
     // follow its final wait.
-    if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
+    record_call_number(c.state->dispatchDone[c.parity], c.state->dispatchSeq[c.parity], seq);
     // Its shared histogram space holds the El * R = numExperts count words instead.
     finish_direct_receive(p, seq, s_alive, s_peers, s_dynamic);
     LL_TRACE(c, seq, 7);
@@ -1271,7 +1277,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   // The loop ended with __syncthreads: every row, scale and handle entry of this block is written.
   announce_rows(c, s_peers, s_rowsTo, c.layout.dispatchArrived);
   LL_TRACE(c, seq, 5);
-  if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
+  record_call_number(c.state->dispatchDone[c.parity], c.state->dispatchSeq[c.parity], seq);
   LL_TRACE(c, seq, 7);
 }
 
@@ -1358,7 +1364,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_blob_send_ker
     if (threadIdx.x == 0) *reinterpret_cast<int64_t*>(c.local_region() + l.flagSource) = inbox_flag(seq, T, K);
     await_acks(c, seq, s_alive);
   }
-  if (threadIdx.x == 0 && last_block_arrived(&c.state->dispatchDone[c.parity])) c.state->dispatchSeq[c.parity] = seq;
+  record_call_number(c.state->dispatchDone[c.parity], c.state->dispatchSeq[c.parity], seq);
 }
 
 // Moves one blob row (or its `part`-th slice of `parts`) with a warp to the `numDest` flat slots
@@ -1574,8 +1580,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix, boo
         if (selfAlive && c.state->alive[q])
           st_release_sys(reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + l.combineCountWords) + c.rank,
                              count_word(seq, kPullMarker));
-    if (recordSeq && threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity]))
-      c.state->combineSeq[c.parity] = seq;
+    if (recordSeq) record_call_number(c.state->combineDone[c.parity], c.state->combineSeq[c.parity], seq);
     return;
   }
   warp_exclusive_scan(reinterpret_cast<const int*>(region + l.recvCount), El, s_prefix);
@@ -1637,8 +1642,7 @@ __device__ void combine_send(const CombineParams& p, int seq, int* s_prefix, boo
     // Peer pointers: no flags; each block announces its slices to their homes' arrived counters.
     __syncthreads();
     announce_rows(c, c.peers, s_rowsTo, l.combineArrived);
-    if (recordSeq && threadIdx.x == 0 && last_block_arrived(&c.state->combineDone[c.parity]))
-      c.state->combineSeq[c.parity] = seq;
+    if (recordSeq) record_call_number(c.state->combineDone[c.parity], c.state->combineSeq[c.parity], seq);
     return;
   }
   quiet_block(c);
@@ -2115,6 +2119,28 @@ bunEpResult_t env_int(const char* name, long min, long max, const char* unit, in
   return bunEpSuccess;
 }
 
+// Every kernel of this file, and whether it is launched with the dispatch's shared memory (the
+// routing of up to maxTokensPerRank x maxTopk tokens: above 48 KB a kernel must opt in to it).
+struct LowLatencyKernel {
+  const void* kernel;
+  const char* what;  // for errors: the attribute call that failed
+  bool dispatchSmem;
+};
+const LowLatencyKernel kLowLatencyKernels[] = {
+    {(const void*)dispatch_send_kernel, "cudaFuncSetAttribute(dispatch_send_kernel)", true},
+    {(const void*)dispatch_recv_kernel, "cudaFuncSetAttribute(dispatch_recv_kernel)", false},
+    {(const void*)dispatch_direct_kernel, "cudaFuncSetAttribute(dispatch_direct_kernel)", true},
+    {(const void*)dispatch_fused_kernel, "cudaFuncSetAttribute(dispatch_fused_kernel)", true},
+    {(const void*)dispatch_blob_send_kernel, "cudaFuncSetAttribute(dispatch_blob_send_kernel)", true},
+    {(const void*)dispatch_blob_recv_kernel, "cudaFuncSetAttribute(dispatch_blob_recv_kernel)", false},
+    {(const void*)combine_send_kernel<false>, "cudaFuncSetAttribute(combine_send_kernel)", false},
+    {(const void*)combine_recv_kernel<false>, "cudaFuncSetAttribute(combine_recv_kernel)", false},
+    {(const void*)combine_fused_kernel<false>, "cudaFuncSetAttribute(combine_fused_kernel)", false},
+    {(const void*)combine_send_kernel<true>, "cudaFuncSetAttribute(combine_send_kernel, NVSHMEM)", false},
+    {(const void*)combine_recv_kernel<true>, "cudaFuncSetAttribute(combine_recv_kernel, NVSHMEM)", false},
+    {(const void*)combine_fused_kernel<true>, "cudaFuncSetAttribute(combine_fused_kernel, NVSHMEM)", false},
+};
+
 // Ranks sharing a GPU: the largest shared-memory carveout (L1/shared split) for every kernel here.
 // An SM takes a block only where the split it was given when idle leaves room, and waiting blocks
 // of several ranks can hold every SM (the budget bounds their count, not the SMs they land on).
@@ -2137,16 +2163,8 @@ bunEpResult_t set_shared_carveout(int device, int64_t ranksOnDevice) {
   const uint64_t bit = device >= 0 && device < 64 ? 1ull << device : 0;
   std::lock_guard<std::mutex> lock(mutex);
   if ((devicesSet & bit) != 0) return bunEpSuccess;
-  const void* kernels[] = {
-      (const void*)dispatch_send_kernel,      (const void*)dispatch_recv_kernel,
-      (const void*)dispatch_direct_kernel,    (const void*)dispatch_fused_kernel,
-      (const void*)dispatch_blob_send_kernel, (const void*)dispatch_blob_recv_kernel,
-      (const void*)combine_send_kernel<false>, (const void*)combine_recv_kernel<false>,
-      (const void*)combine_fused_kernel<false>, (const void*)combine_send_kernel<true>,
-      (const void*)combine_recv_kernel<true>,  (const void*)combine_fused_kernel<true>,
-  };
-  for (const void* kernel : kernels)
-    BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
+  for (const LowLatencyKernel& k : kLowLatencyKernels)
+    BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(k.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
   devicesSet |= bit;
   return bunEpSuccess;
 }
@@ -2221,16 +2239,9 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   }
   if (status == bunEpSuccess) {
     ctx->dispatchSendSmem = (int)dispatch_send_smem(*config);
-    // The kernels launched with the dispatch's shared memory (the routing of maxTokensPerRank tokens).
-    const std::pair<const void*, const char*> dispatchKernels[] = {
-        {(const void*)dispatch_send_kernel, "cudaFuncSetAttribute(dispatch_send_kernel)"},
-        {(const void*)dispatch_fused_kernel, "cudaFuncSetAttribute(dispatch_fused_kernel)"},
-        {(const void*)dispatch_direct_kernel, "cudaFuncSetAttribute(dispatch_direct_kernel)"},
-        {(const void*)dispatch_blob_send_kernel, "cudaFuncSetAttribute(dispatch_blob_send_kernel)"},
-    };
-    for (const auto& [kernel, what] : dispatchKernels)
-      if (status == bunEpSuccess && ctx->dispatchSendSmem > 48 * 1024)
-        status = cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024), what);
+    for (const LowLatencyKernel& k : kLowLatencyKernels)
+      if (status == bunEpSuccess && k.dispatchSmem && ctx->dispatchSendSmem > 48 * 1024)
+        status = cuda(cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024), k.what);
   }
   if (status == bunEpSuccess) status = set_shared_carveout(ctx->device, config->ranksOnDevice);
   if (status == bunEpSuccess) status = create_copy_engines(ctx);
