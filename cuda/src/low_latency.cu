@@ -2481,6 +2481,44 @@ bunEpResult_t bun_ep_ll_error_word(void* context, const int32_t** word) {
 }
 
 #ifdef BUN_EP_LL_TRACE
+// Developer probe (bench/ll_latency.ts; trace builds only, like bun_ep_ll_debug_trace): one thread follows the index chain `chain` (u64 words,
+// chain[i] = the next index) for `count` dependent loads with each load kind the kernels use, and
+// writes the mean SM cycles per load of kind k to out[k]: 0 ld.global, 1 ld.global.cg (L2, no L1),
+// 2 ld.volatile, 3 ld.relaxed.sys, 4 ld.acquire.sys. out[5]: the last index (keeps the loads live);
+// out[6], out[7]: the kernel's ns and SM cycles.
+__device__ __forceinline__ uint64_t probe_load(const uint64_t* p, int kind) {
+  uint64_t v;
+  switch (kind) {
+    case 0: v = *p; break;
+    case 1: asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); break;
+    case 2: asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); break;
+    case 3: asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); break;
+    default: asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); break;
+  }
+  return v;
+}
+
+__global__ void load_latency_kernel(const uint64_t* chain, int count, unsigned long long* out) {
+  uint64_t index = 0;
+  const uint64_t firstNs = globaltimer_ns();
+  const unsigned long long firstCycle = clock64();
+  for (int kind = 0; kind < 5; ++kind) {
+    const unsigned long long start = clock64();
+    for (int i = 0; i < count; ++i) index = probe_load(chain + index, kind);
+    out[kind] = (clock64() - start) / (unsigned long long)count;
+  }
+  out[5] = index;
+  out[6] = globaltimer_ns() - firstNs;  // out[7] / out[6]: the SM clock in cycles per ns
+  out[7] = clock64() - firstCycle;
+}
+
+BUN_EP_API int bun_ep_ll_debug_load_latency(const void* chain, int32_t count, void* out, void* stream) {
+  if (chain == nullptr || out == nullptr || count <= 0) return -1;
+  load_latency_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint64_t*>(chain), count,
+                                                                      static_cast<unsigned long long*>(out));
+  return cudaGetLastError() == cudaSuccess ? 0 : -2;
+}
+
 // Developer trace build only: the direct dispatch's phase stamps (see g_trace), u64
 // [calls][ranks][blocks][points] ns; 0 where no block stamped.
 // The cycle stamps (g_trace_clock) follow the timer stamps in `host`.
