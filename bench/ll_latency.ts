@@ -19,7 +19,7 @@ const KINDS = ["ld.global", "ld.global.cg", "ld.volatile", "ld.relaxed.sys", "ld
 
 requireGpu("bench/ll_latency.ts");
 const probe = dlopen(resolve(import.meta.dir, "../build/libbun_ep.so"), {
-  bun_ep_ll_debug_load_latency: { args: ["ptr", "i32", "ptr", "ptr"], returns: "i32" },
+  bun_ep_ll_debug_load_latency: { args: ["ptr", "u64", "i32", "ptr", "ptr"], returns: "i32" },
 });
 const lib = native();
 console.log(`device: ${describeDevices()}`);
@@ -31,19 +31,22 @@ const floodSrc = DeviceTensor.zeros("u8", [FLOOD_BYTES]);
 const floodDst = DeviceTensor.zeros("u8", [FLOOD_BYTES]);
 const out = DeviceTensor.zeros("i64", [8]);
 
-/** A chain over `bytes` of u64 words: from each line to a line `stride` lines on (odd stride, wraps). */
-function chain(bytes: number): DeviceTensor<"i64"> {
+/** A chain over `bytes` of u64 words: from each line to a line `stride` lines on (odd stride, wraps:
+ * one cycle through every line). */
+function chain(bytes: number): { data: DeviceTensor<"i64">; lines: number } {
   const words = bytes / 8, lines = words / 16, stride = 4099;
   const host = new HostTensor("i64", [words]);
   for (let line = 0; line < lines; line++) host.data[line * 16] = BigInt(((line + stride) % lines) * 16);
-  return DeviceTensor.fromHost(host);
+  return { data: DeviceTensor.fromHost(host), lines };
 }
 
-function measure(label: string, data: DeviceTensor<"i64">, flood: boolean): void {
-  // Warm pass (TLB, L2 for the small chain), then the timed one.
+/** inL2: the timed pass follows the lines the warm pass loaded (in L2 now); else it starts half the
+ * chain away, on lines no pass has touched (only the TLB is warm). */
+function measure(label: string, data: DeviceTensor<"i64">, lines: number, inL2: boolean, flood: boolean): void {
   for (let pass = 0; pass < 2; pass++) {
     if (flood) check(lib.bun_ep_debug_copy_bytes(floodDst.ptr, floodSrc.ptr, FLOOD_BYTES, 264, floodStream.handle), "flood copy");
-    const rc = probe.symbols.bun_ep_ll_debug_load_latency(data.ptr, LOADS, out.ptr, probeStream.handle);
+    const first = pass === 1 && !inL2 ? BigInt((lines / 2) * 16) : 0n;
+    const rc = probe.symbols.bun_ep_ll_debug_load_latency(data.ptr, first, LOADS, out.ptr, probeStream.handle);
     if (rc !== 0) throw new Error(`bun_ep_ll_debug_load_latency: ${rc} (build with BUN_EP_NVCC_FLAGS=-DBUN_EP_LL_TRACE)`);
     probeStream.synchronize();
     floodStream.synchronize();
@@ -54,10 +57,10 @@ function measure(label: string, data: DeviceTensor<"i64">, flood: boolean): void
   console.log(`${label} (SM clock ${clockGhz.toFixed(2)} GHz): ${parts.join(" | ")}`);
 }
 
-for (const [name, bytes] of [["8 MiB chain (L2)", 8 * 2 ** 20], ["1 GiB chain (HBM)", 2 ** 30]] as const) {
-  const data = chain(bytes);
-  measure(`${name}, idle`, data, false);
-  measure(`${name}, beside a 1 GiB copy`, data, true);
+for (const [name, bytes, inL2] of [["8 MiB chain (L2)", 8 * 2 ** 20, true], ["1 GiB chain (HBM)", 2 ** 30, false]] as const) {
+  const { data, lines } = chain(bytes);
+  measure(`${name}, idle`, data, lines, inL2, false);
+  measure(`${name}, beside a 1 GiB copy`, data, lines, inL2, true);
   data.free();
 }
 process.exit(0);

@@ -1906,8 +1906,14 @@ bunEpResult_t launch(const Context* ctx, void (*kernel)(Params), int grid, size_
   return bunEpSuccess;
 }
 
+// A dispatch kernel's shared memory: the routing of `numTokens` x `numTopk` and one count per expert.
+size_t dispatch_smem(int64_t numTokens, int64_t numTopk, int64_t numExperts) {
+  return (size_t)(numTokens * numTopk + numExperts) * sizeof(int);
+}
+
+// The most any call of this config takes (the kernels opt in to it above 48 KB).
 int64_t dispatch_send_smem(const bunEpLowLatencyConfig_t& c) {
-  return (c.maxTokensPerRank * c.maxTopk + c.numExperts) * (int64_t)sizeof(int);
+  return (int64_t)dispatch_smem(c.maxTokensPerRank, c.maxTopk, c.numExperts);
 }
 
 bunEpResult_t check_config(const bunEpLowLatencyConfig_t* c) {
@@ -2088,7 +2094,7 @@ bunEpResult_t dispatch_by_copy_engines(Context* ctx, const DispatchParams& p, in
   const int parity = p.c.parity;
   const Layout& l = ctx->layout;
   if (phases & BUN_EP_LL_PHASE_SEND) {
-    const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + p.c.numExperts) * sizeof(int);
+    const size_t sendSmem = dispatch_smem(p.numTokens, p.numTopk, p.c.numExperts);
     const int grid = std::max(1, std::min(p.numTokens, ctx->waitingBlockBudget * 2));
     BUN_EP_TRY(launch(ctx, dispatch_blob_send_kernel, grid, sendSmem, stream, p));
     BUN_EP_TRY(queue_blob_copies(ctx, p, stream));
@@ -2163,8 +2169,10 @@ bunEpResult_t set_shared_carveout(int device, int64_t ranksOnDevice) {
   const uint64_t bit = device >= 0 && device < 64 ? 1ull << device : 0;
   std::lock_guard<std::mutex> lock(mutex);
   if ((devicesSet & bit) != 0) return bunEpSuccess;
-  for (const LowLatencyKernel& k : kLowLatencyKernels)
-    BUN_EP_CUDA_CHECK(cudaFuncSetAttribute(k.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent));
+  for (const LowLatencyKernel& k : kLowLatencyKernels) {
+    const cudaError_t err = cudaFuncSetAttribute(k.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+    if (err != cudaSuccess) return cuda_error(err, k.what, __FILE__, __LINE__);
+  }
   devicesSet |= bit;
   return bunEpSuccess;
 }
@@ -2350,7 +2358,7 @@ bunEpResult_t bun_ep_ll_dispatch(void* context, const bunEpLowLatencyDispatchArg
   const bool hookPhase = args->phases != (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV);
   if (!p.c.staged && ctx->copyEngines && (hookPhase || ctx->copyEnginesWithoutHook))
     return dispatch_by_copy_engines(ctx, p, args->phases, stream);
-  const size_t sendSmem = (size_t)(p.numTokens * p.numTopk + cfg.numExperts) * sizeof(int);
+  const size_t sendSmem = dispatch_smem(p.numTokens, p.numTopk, cfg.numExperts);
   if (args->phases == (BUN_EP_LL_PHASE_SEND | BUN_EP_LL_PHASE_RECV) && !p.c.staged) {
     // Peer pointers, no hook: rows go straight into the receivers' packed slots. One sender block
     // per token (within the budget, so every rank's blocks are resident together), plus the
@@ -2481,8 +2489,9 @@ bunEpResult_t bun_ep_ll_error_word(void* context, const int32_t** word) {
 }
 
 #ifdef BUN_EP_LL_TRACE
-// Developer probe (bench/ll_latency.ts; trace builds only, like bun_ep_ll_debug_trace): one thread follows the index chain `chain` (u64 words,
-// chain[i] = the next index) for `count` dependent loads with each load kind the kernels use, and
+// Developer probe (bench/ll_latency.ts; trace builds only, like bun_ep_ll_debug_trace): one thread
+// follows the index chain `chain` (u64 words, chain[i] = the next index) from index `first` for
+// `count` dependent loads with each load kind the kernels use, and
 // writes the mean SM cycles per load of kind k to out[k]: 0 ld.global, 1 ld.global.cg (L2, no L1),
 // 2 ld.volatile, 3 ld.relaxed.sys, 4 ld.acquire.sys. out[5]: the last index (keeps the loads live);
 // out[6], out[7]: the kernel's ns and SM cycles.
@@ -2498,8 +2507,8 @@ __device__ __forceinline__ uint64_t probe_load(const uint64_t* p, int kind) {
   return v;
 }
 
-__global__ void load_latency_kernel(const uint64_t* chain, int count, unsigned long long* out) {
-  uint64_t index = 0;
+__global__ void load_latency_kernel(const uint64_t* chain, uint64_t first, int count, unsigned long long* out) {
+  uint64_t index = first;
   const uint64_t firstNs = globaltimer_ns();
   const unsigned long long firstCycle = clock64();
   for (int kind = 0; kind < 5; ++kind) {
@@ -2512,9 +2521,9 @@ __global__ void load_latency_kernel(const uint64_t* chain, int count, unsigned l
   out[7] = clock64() - firstCycle;
 }
 
-BUN_EP_API int bun_ep_ll_debug_load_latency(const void* chain, int32_t count, void* out, void* stream) {
+BUN_EP_API int bun_ep_ll_debug_load_latency(const void* chain, uint64_t first, int32_t count, void* out, void* stream) {
   if (chain == nullptr || out == nullptr || count <= 0) return -1;
-  load_latency_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint64_t*>(chain), count,
+  load_latency_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint64_t*>(chain), first, count,
                                                                       static_cast<unsigned long long*>(out));
   return cudaGetLastError() == cudaSuccess ? 0 : -2;
 }
