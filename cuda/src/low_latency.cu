@@ -266,6 +266,7 @@ struct Common {
   char* const* peers;  // device array [R]: every rank's buffer base as this process sees it; NULL: puts
   char* local;         // this rank's buffer (NVSHMEM: symmetric, so also the address puts name)
   bool staged;         // NVSHMEM transport: rows go through the send area, NULL peers get puts
+  bool oneGpu;         // every rank is on this GPU: releases at GPU scope (experiment)
   State* state;
   volatile int* errorWord;  // mapped host memory: [0] set, [1] missing rank, [2] phase
 
@@ -380,28 +381,43 @@ __device__ __forceinline__ void warp_copy_int4(int4* dst, const int4* src, int n
     if (i + 32 * u < n) st_na_int4(dst + i + 32 * u, v[u]);
 }
 
-// The block's routing in shared memory: valid expert ids, -1 for none, out of range, or an expert
-// repeated earlier in the same row (a token goes to an expert once, at its first position).
-// A thread per token: its K ids are loaded together and compared in registers (a thread per entry
-// re-read the earlier ids of its row from global memory, one dependent load after another).
-__device__ void load_routing(const int64_t* topkIdx, int numTokens, int numTopk, int numExperts, int* s_topk) {
-  for (int t = threadIdx.x; t < numTokens; t += blockDim.x) {
-    int ids[kMaxTopk];  // valid ids; -1 for none or out of range (never equal to a valid id)
+// One token's top-k expert ids as loaded, held in registers: a kernel's start issues every load it
+// needs before it uses any (one round trip, not one per value).
+struct RoutingRow {
+  int64_t ids[kMaxTopk];
+};
+__device__ __forceinline__ RoutingRow load_routing_row(const int64_t* topkIdx, int t, int numTopk) {
+  RoutingRow row;
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) {
-      const int64_t e = k < numTopk ? topkIdx[(int64_t)t * numTopk + k] : -1;
-      ids[k] = (e >= 0 && e < numExperts) ? (int)e : -1;
-    }
+  for (int k = 0; k < kMaxTopk; ++k) row.ids[k] = k < numTopk ? topkIdx[(int64_t)t * numTopk + k] : -1;
+  return row;
+}
+
+// Token t's entries of the block's routing in shared memory: valid expert ids, -1 for none, out of
+// range, or an expert repeated earlier in the same row (a token goes to an expert once, at its
+// first position). The K ids are compared in registers.
+__device__ __forceinline__ void store_routing_row(const RoutingRow& row, int t, int numTopk, int numExperts, int* s_topk) {
+  int ids[kMaxTopk];  // valid ids; -1 for none or out of range (never equal to a valid id)
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) {
-      if (k >= numTopk) break;
-      int value = ids[k];
+  for (int k = 0; k < kMaxTopk; ++k) ids[k] = (row.ids[k] >= 0 && row.ids[k] < numExperts) ? (int)row.ids[k] : -1;
 #pragma unroll
-      for (int j = 0; j < k; ++j)
-        if (ids[j] == value) value = -1;
-      s_topk[t * numTopk + k] = value;
-    }
+  for (int k = 0; k < kMaxTopk; ++k) {
+    if (k >= numTopk) break;
+    int value = ids[k];
+#pragma unroll
+    for (int j = 0; j < k; ++j)
+      if (ids[j] == value) value = -1;
+    s_topk[t * numTopk + k] = value;
   }
+}
+
+// The block's routing in shared memory (store_routing_row), a thread per token: tokens from
+// `firstToken` (a caller that loaded its first row with its other start loads stores that one
+// itself and passes threadIdx.x + blockDim.x).
+__device__ void load_routing(const int64_t* topkIdx, int numTokens, int numTopk, int numExperts, int* s_topk,
+                             int firstToken = threadIdx.x) {
+  for (int t = firstToken; t < numTokens; t += blockDim.x)
+    store_routing_row(load_routing_row(topkIdx, t, numTopk), t, numTopk, numExperts, s_topk);
 }
 
 // s_expertCount[e] = this rank's tokens for expert e (s_topk from load_routing), by the whole block;
@@ -449,8 +465,13 @@ __device__ __forceinline__ void record_call_number(int& done, int& number, int s
 // `peers`: c.peers or a shared-memory copy of it.
 __device__ __forceinline__ void announce_rows(const Common& c, char* const* peers, const int* s_rowsTo, int64_t counterOffset) {
   for (int q = threadIdx.x; q < c.layout.numRanks; q += blockDim.x)
-    if (s_rowsTo[q] > 0)
-      red_add_release_sys(reinterpret_cast<uint64_t*>(peers[q] + c.parity_offset() + counterOffset), (uint64_t)s_rowsTo[q]);
+    if (s_rowsTo[q] > 0) {
+      auto* counter = reinterpret_cast<uint64_t*>(peers[q] + c.parity_offset() + counterOffset);
+      if (c.oneGpu)
+        red_add_release_gpu(counter, (uint64_t)s_rowsTo[q]);
+      else
+        red_add_release_sys(counter, (uint64_t)s_rowsTo[q]);
+    }
 }
 
 __device__ __forceinline__ float power_of_two_ceil(float s) {
@@ -953,8 +974,13 @@ __device__ void await_acks(const Common& c, int seq, const int* s_alive) {
 // This rank read call `seq` of its inboxes: every live source may copy its next blob of the parity.
 __device__ __forceinline__ void send_acks(const Common& c, int seq, const int* s_alive) {
   for (int q = threadIdx.x; q < c.layout.numRanks; q += blockDim.x)
-    if (q != c.rank && s_alive[q])
-      st_release_sys(reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + c.layout.ackWords) + c.rank, (int64_t)seq);
+    if (q != c.rank && s_alive[q]) {
+      auto* word = reinterpret_cast<int64_t*>(c.peers[q] + c.parity_offset() + c.layout.ackWords) + c.rank;
+      if (c.oneGpu)
+        st_release_gpu(word, (int64_t)seq);
+      else
+        st_release_sys(word, (int64_t)seq);
+    }
 }
 
 // ---- dispatch without hook over peer pointers: rows straight into the receivers' packed slots ----
@@ -1219,18 +1245,34 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   const bool receiver = (int)blockIdx.x == senders;
   await_previous_kernel();
   LL_TRACE_ENTRY();
-  const int seq = next_seq(&c.state->dispatchSeq[c.parity]);
+  // The call's start: the call number, both alive flags, the peer base and the first routing row of
+  // each thread are all loaded before any is used, then stored under one sync: one round trip. (Each
+  // store right after its load made warp 0 wait four in a row.) No block records the call number (at
+  // its end) before all its threads have passed that sync, so every thread reads the old one.
+  const int seq = ld_volatile(&c.state->dispatchSeq[c.parity]) + 1;
+  const int selfFlag = c.state->alive[c.rank];
+  const int firstRank = threadIdx.x, firstToken = threadIdx.x;
+  int firstFlag = 0;
+  char* firstPeer = nullptr;
+  if (firstRank < R) {
+    firstFlag = c.state->alive[firstRank];
+    firstPeer = c.peers[firstRank];
+  }
+  const bool routes = !receiver && firstToken < T;
+  RoutingRow firstRow;
+  if (routes) firstRow = load_routing_row(p.topkIdx, firstToken, K);
   LL_TRACE(c, seq, 0);
   LL_TRACE_ENTRY_STORE(0, c, seq);
-
-  const bool selfAlive = c.state->alive[c.rank] != 0;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    s_alive[r] = selfAlive && c.state->alive[r] != 0;
-    s_peers[r] = c.peers[r];
+  for (int r = firstRank; r < R; r += blockDim.x) {
+    const int flag = r == firstRank ? firstFlag : c.state->alive[r];
+    s_alive[r] = (selfFlag != 0) & (flag != 0);
+    s_peers[r] = r == firstRank ? firstPeer : c.peers[r];
     s_rowsTo[r] = 0;
   }
-  // The routing's loads go out beside the alive flags' (one sync for both).
-  if (!receiver) load_routing(p.topkIdx, T, K, c.numExperts, s_topk);
+  if (routes) {
+    store_routing_row(firstRow, firstToken, K, c.numExperts, s_topk);
+    load_routing(p.topkIdx, T, K, c.numExperts, s_topk, firstToken + blockDim.x);
+  }
   __syncthreads();
   if (receiver) {
     // Call-number bookkeeping first: this block finishes last, and the atomic's round trip would
@@ -1874,6 +1916,7 @@ struct Context {
   bool copyEnginesWithoutHook;
   // Kernels launched with programmatic stream serialization (sm_90+; BUN_EP_LL_PROGRAMMATIC_LAUNCH=0: off).
   bool programmaticLaunch;
+  bool oneGpu;  // experiment: every rank on this GPU and BUN_EP_LL_GPU_SCOPE=1
   int numCopyStreams;
   cudaStream_t copyStreams[kMaxCopyStreams];
   cudaEvent_t sendDone[2];
@@ -2004,6 +2047,7 @@ Common common_of(const Context* ctx, int parity) {
   c.peers = ctx->peersDevice;
   c.local = ctx->local;
   c.staged = ctx->config.transport == BUN_EP_LL_TRANSPORT_NVSHMEM;
+  c.oneGpu = ctx->oneGpu;
   c.state = reinterpret_cast<State*>(ctx->local + ctx->layout.state);
   c.errorWord = ctx->errorDevice;
   return c;
@@ -2210,6 +2254,8 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   BUN_EP_TRY(env_int("BUN_EP_LL_WAITING_BLOCKS", 2, 1 << 20, "blocks per waiting grid", &waitingBlocksCap));
   int programmaticLaunch = 1;
   BUN_EP_TRY(env_int("BUN_EP_LL_PROGRAMMATIC_LAUNCH", 0, 1, "0: plain launches, 1: programmatic", &programmaticLaunch));
+  int gpuScope = 0;
+  BUN_EP_TRY(env_int("BUN_EP_LL_GPU_SCOPE", 0, 1, "1: GPU-scope releases when every rank is on this GPU", &gpuScope));
 
   Context* ctx = new Context{};
   ctx->config = *config;
@@ -2235,6 +2281,7 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
     status = cuda(cudaDeviceGetAttribute(&computeMajor, cudaDevAttrComputeCapabilityMajor, ctx->device),
                   "cudaDeviceGetAttribute(compute capability)");
   ctx->programmaticLaunch = programmaticLaunch == 1 && computeMajor >= 9;
+  ctx->oneGpu = gpuScope == 1 && config->ranksOnDevice == config->numRanks && config->transport != BUN_EP_LL_TRANSPORT_NVSHMEM;
   if (status == bunEpSuccess) status = cuda(cudaMalloc(&ctx->peersDevice, config->numRanks * sizeof(char*)), "cudaMalloc(peers)");
   if (status == bunEpSuccess)
     status = cuda(cudaMemcpy(ctx->peersDevice, config->peerBuffers, config->numRanks * sizeof(char*), cudaMemcpyHostToDevice),

@@ -53,6 +53,15 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// GPU scope: every peer is a thread of this GPU (ranks sharing one GPU), where a release need not
+// wait for system-wide visibility.
+__device__ __forceinline__ void red_add_release_gpu(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_gpu(int64_t* p, int64_t v) {
+  asm volatile("st.release.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // ---- streaming copies ---------------------------------------------------------------------------
 // Loads that bypass L1 (the data is read once); stores that do not allocate in L1.
 __device__ __forceinline__ int4 ld_nc_int4(const int4* p) {
