@@ -266,7 +266,7 @@ struct Common {
   char* const* peers;  // device array [R]: every rank's buffer base as this process sees it; NULL: puts
   char* local;         // this rank's buffer (NVSHMEM: symmetric, so also the address puts name)
   bool staged;         // NVSHMEM transport: rows go through the send area, NULL peers get puts
-  bool oneGpu;         // every rank is on this GPU: releases at GPU scope (experiment)
+  bool oneGpu;         // every rank's buffer is on this GPU: row announcements release at GPU scope
   State* state;
   volatile int* errorWord;  // mapped host memory: [0] set, [1] missing rank, [2] phase
 
@@ -531,40 +531,60 @@ __device__ unsigned long long block_sum(unsigned long long value) {
 
 // ---- dispatch: send ----------------------------------------------------------------------------
 
+// Adds v to a shared counter, lane by lane (atomicAdd is turned into a warp sum plus one atomic by
+// the compiler, and the warp sum is what cost: see count_earlier_tokens).
+__device__ __forceinline__ void shared_add(int* counter, int v) {
+  asm volatile("red.shared.add.u32 [%0], %1;" ::"r"((unsigned)__cvta_generic_to_shared(counter)), "r"(v) : "memory");
+}
+
 // s_pos[k] += how many of this rank's tokens before t chose token t's k-th expert: the row's slot
 // position among this rank's rows for that expert. The caller zeroes s_pos (synced) and syncs after.
 // One pass over the earlier entries, each compared with the token's K ids in registers (a pass per
 // top-k position cost up to 2 us for the last tokens of 128 at top-8). Valid ids of a row are
-// distinct (load_routing), so an entry matches at most one k.
+// distinct (load_routing), so an entry matches at most one k. kBound >= K: the positions compared
+// (8 for DeepEP's top-8 halves the pass's instructions against kMaxTopk; the pass is issue-bound,
+// two blocks per SM at EP2).
 // Two 16-bit counters per register keep the kernel within its 64 registers without spills (a thread
 // sees at most T * K / blockDim entries, and T * K ints fit in shared memory: far below 65536).
 // afterScan(counts): called once the pass is done (the trace build stamps a point there).
 struct NoTracePoint {
   __device__ void operator()(unsigned) const {}
 };
-template <typename AfterScan = NoTracePoint>
-__device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, int K, int* s_pos,
-                                                     AfterScan afterScan = {}) {
-  int mine[kMaxTopk];
-  unsigned counts[kMaxTopk / 2];
+template <int kBound, typename AfterScan>
+__device__ __forceinline__ void count_earlier_tokens_of(const int* s_topk, int t, int K, int* s_pos, AfterScan afterScan) {
+  constexpr int kNever = -2;  // matches no entry (entries are valid ids or -1)
+  int mine[kBound];
+  unsigned counts[kBound / 2];
 #pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) mine[k] = k < K ? s_topk[t * K + k] : -1;
+  for (int k = 0; k < kBound; ++k) {
+    const int e = k < K ? s_topk[t * K + k] : kNever;
+    mine[k] = e >= 0 ? e : kNever;
+  }
 #pragma unroll
-  for (int k = 0; k < kMaxTopk / 2; ++k) counts[k] = 0;
+  for (int k = 0; k < kBound / 2; ++k) counts[k] = 0;
+#pragma unroll 2
   for (int i = threadIdx.x; i < t * K; i += blockDim.x) {
     const int e = s_topk[i];
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) counts[k / 2] += (e >= 0 && e == mine[k]) ? (1u << (16 * (k % 2))) : 0u;
+    for (int k = 0; k < kBound; ++k) counts[k / 2] += e == mine[k] ? (1u << (16 * (k % 2))) : 0u;
   }
   afterScan(counts[0]);
   // Each thread adds its own non-zero counts: matches are few (about t * K * K / numExperts in the
   // whole block), and a warp sum per position (8 dependent __reduce_add_sync) cost a sender block
   // about 1,200 cycles even with nothing to add (session 7's cycle trace, H200).
 #pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) {
+  for (int k = 0; k < kBound; ++k) {
     const int count = (int)((counts[k / 2] >> (16 * (k % 2))) & 0xffffu);
-    if (count != 0) atomicAdd(&s_pos[k], count);
+    if (count != 0) shared_add(&s_pos[k], count);
   }
+}
+template <typename AfterScan = NoTracePoint>
+__device__ __forceinline__ void count_earlier_tokens(const int* s_topk, int t, int K, int* s_pos,
+                                                     AfterScan afterScan = {}) {
+  if (K <= 8)
+    count_earlier_tokens_of<8>(s_topk, t, K, s_pos, afterScan);
+  else
+    count_earlier_tokens_of<kMaxTopk>(s_topk, t, K, s_pos, afterScan);
 }
 
 // Where token t's row goes, per top-k position: the owner rank (-1: no expert, or its owner is
@@ -1916,7 +1936,7 @@ struct Context {
   bool copyEnginesWithoutHook;
   // Kernels launched with programmatic stream serialization (sm_90+; BUN_EP_LL_PROGRAMMATIC_LAUNCH=0: off).
   bool programmaticLaunch;
-  bool oneGpu;  // experiment: every rank on this GPU and BUN_EP_LL_GPU_SCOPE=1
+  bool oneGpu;  // Common::oneGpu
   int numCopyStreams;
   cudaStream_t copyStreams[kMaxCopyStreams];
   cudaEvent_t sendDone[2];
@@ -2191,6 +2211,26 @@ const LowLatencyKernel kLowLatencyKernels[] = {
     {(const void*)combine_fused_kernel<true>, "cudaFuncSetAttribute(combine_fused_kernel, NVSHMEM)", false},
 };
 
+// True when every rank's buffer is memory of `device` (ranks of one process or of several under MPS
+// sharing this GPU): then every thread that reads a row announcement runs on this GPU. Both what the
+// rank group counted (ranksOnDevice) and where each peer buffer lives must say so; NVSHMEM peers
+// never qualify (their flags arrive by puts).
+bunEpResult_t every_rank_on_this_gpu(const bunEpLowLatencyConfig_t& c, int device, bool* oneGpu) {
+  *oneGpu = false;
+  if (c.transport == BUN_EP_LL_TRANSPORT_NVSHMEM || c.ranksOnDevice != c.numRanks) return bunEpSuccess;
+  for (int64_t r = 0; r < c.numRanks; ++r) {
+    cudaPointerAttributes attributes{};
+    const cudaError_t err = cudaPointerGetAttributes(&attributes, reinterpret_cast<const void*>(c.peerBuffers[r]));
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // not a pointer CUDA knows: keep system scope
+      return bunEpSuccess;
+    }
+    if (attributes.type != cudaMemoryTypeDevice || attributes.device != device) return bunEpSuccess;
+  }
+  *oneGpu = true;
+  return bunEpSuccess;
+}
+
 // Ranks sharing a GPU: the largest shared-memory carveout (L1/shared split) for every kernel here.
 // An SM takes a block only where the split it was given when idle leaves room, and waiting blocks
 // of several ranks can hold every SM (the budget bounds their count, not the SMs they land on).
@@ -2254,8 +2294,9 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
   BUN_EP_TRY(env_int("BUN_EP_LL_WAITING_BLOCKS", 2, 1 << 20, "blocks per waiting grid", &waitingBlocksCap));
   int programmaticLaunch = 1;
   BUN_EP_TRY(env_int("BUN_EP_LL_PROGRAMMATIC_LAUNCH", 0, 1, "0: plain launches, 1: programmatic", &programmaticLaunch));
-  int gpuScope = 0;
-  BUN_EP_TRY(env_int("BUN_EP_LL_GPU_SCOPE", 0, 1, "1: GPU-scope releases when every rank is on this GPU", &gpuScope));
+  int gpuScope = 1;
+  BUN_EP_TRY(env_int("BUN_EP_LL_GPU_SCOPE", 0, 1, "0: system-scope releases, 1: GPU scope where every rank is on this GPU",
+                     &gpuScope));
 
   Context* ctx = new Context{};
   ctx->config = *config;
@@ -2281,11 +2322,11 @@ bunEpResult_t bun_ep_ll_create(const bunEpLowLatencyConfig_t* config, void** con
     status = cuda(cudaDeviceGetAttribute(&computeMajor, cudaDevAttrComputeCapabilityMajor, ctx->device),
                   "cudaDeviceGetAttribute(compute capability)");
   ctx->programmaticLaunch = programmaticLaunch == 1 && computeMajor >= 9;
-  ctx->oneGpu = gpuScope == 1 && config->ranksOnDevice == config->numRanks && config->transport != BUN_EP_LL_TRANSPORT_NVSHMEM;
   if (status == bunEpSuccess) status = cuda(cudaMalloc(&ctx->peersDevice, config->numRanks * sizeof(char*)), "cudaMalloc(peers)");
   if (status == bunEpSuccess)
     status = cuda(cudaMemcpy(ctx->peersDevice, config->peerBuffers, config->numRanks * sizeof(char*), cudaMemcpyHostToDevice),
                   "cudaMemcpy(peers)");
+  if (status == bunEpSuccess && gpuScope == 1) status = every_rank_on_this_gpu(*config, ctx->device, &ctx->oneGpu);
   if (status == bunEpSuccess)
     status = cuda(cudaHostAlloc(&ctx->errorHost, 64, cudaHostAllocMapped | cudaHostAllocPortable), "cudaHostAlloc(error word)");
   if (status == bunEpSuccess) {

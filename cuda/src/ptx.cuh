@@ -53,8 +53,10 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// GPU scope: every peer is a thread of this GPU (ranks sharing one GPU), where a release need not
-// wait for system-wide visibility.
+// GPU scope: for ranks that all share this GPU (every thread that reads the flag is on this GPU), a
+// release needs the writes before it performed in this GPU's memory system only; at system scope it
+// also waits for system-wide visibility (about 0.4 us per block at the end of an EP2 dispatch on
+// H200, session 8).
 __device__ __forceinline__ void red_add_release_gpu(uint64_t* p, uint64_t v) {
   asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
