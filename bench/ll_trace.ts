@@ -35,7 +35,7 @@ const OP_INDEX = OP === "dispatch" ? 0 : 1;
 // The points each op stamps, in the order its code passes them (point 7: the block's end).
 const POINTS: readonly (readonly [number, string])[] =
   OP === "dispatch"
-    ? [[0, "seq"], [1, "routing"], [2, "publish"], [11, "acks"], [12, "loads issued"], [13, "zeroed"], [14, "synced"], [15, "scanned"], [8, "counted"],
+    ? [[0, "seq"], [1, "routing"], [12, "loads issued"], [13, "zeroed"], [14, "synced"], [15, "scanned"], [8, "counted"],
        [9, "waited"], [3, "planned"], [4, "sent"], [5, "announced"], [7, "end"]]
     : [[0, "seq"], [1, "sent"], [2, "waited"], [3, "summed"], [7, "end"]];
 
@@ -108,7 +108,7 @@ for (const c of calls.slice(-3)) {
   for (let r = 0; r < R; r++) {
     const rel = (b: number, p: number) => (at(c, r, b, p) - t0) / 1000;
     const used = Array.from({ length: BLOCKS_T }, (_, b) => b).filter((b) => at(c, r, b, 0) > 0);
-    // The direct dispatch's last block only receives (points 6, 8, 9 of its own); the others send.
+    // The direct dispatch's last block publishes and receives (points 2, 11, 6, 8, 9 of its own); the others send.
     const rcv = OP === "dispatch" ? used[used.length - 1]! : -1;
     const blocks = OP === "dispatch" ? used.slice(0, -1) : used;
     const parts = POINTS.map(([p, name]) => {
@@ -116,7 +116,12 @@ for (const c of calls.slice(-3)) {
       return `${name} ${q(xs, 0).toFixed(2)}/${q(xs, 0.5).toFixed(2)}/${q(xs, 1).toFixed(2)}`;
     });
     if (rcv >= 0) {
-      parts.push(`rcv ${rcv}: counts ${rel(rcv, 6).toFixed(2)} ranges ${rel(rcv, 8).toFixed(2)} arrived ${rel(rcv, 9).toFixed(2)} end ${rel(rcv, 7).toFixed(2)}`);
+      // The last sender to finish its rows: the one the receiver waits for.
+      const last = blocks.reduce((a, b) => (at(c, r, b, 4) > at(c, r, a, 4) ? b : a), blocks[0]!);
+      parts.push(
+        `rcv ${rcv}: published ${rel(rcv, 2).toFixed(2)} acks ${rel(rcv, 11).toFixed(2)} counts ${rel(rcv, 6).toFixed(2)} ` +
+          `ranges ${rel(rcv, 8).toFixed(2)} arrived ${rel(rcv, 9).toFixed(2)} end ${rel(rcv, 7).toFixed(2)} | last sent: block ${last}`,
+      );
     }
     console.log(`  rank ${r} (min/med/max us from call start): ${parts.join(" | ")}`);
     // Per block, exact: SM cycles from its first instruction; as us at this rank's median cycles per

@@ -1006,8 +1006,8 @@ __device__ __forceinline__ void send_acks(const Common& c, int seq, const int* s
 // ---- dispatch without hook over peer pointers: rows straight into the receivers' packed slots ----
 //
 // Sender blocks (every block but the last) and one receiver block (the last).
-// Phase 1 (no waits): the first sender blocks count this rank's tokens per expert (shared histogram)
-// and publish each count to the expert's owner as one 64-bit word (call number << 32 | count).
+// Phase 1 (no waits): the receiver block counts this rank's tokens per expert (shared histogram) and
+// publishes each count to the expert's owner as one 64-bit word (call number << 32 | count).
 // Phase 2: per batch of up to kPlanBatch of its tokens, a sender block waits (bounded) for the counts
 // of the lower source ranks for those tokens' experts at their owners, so slot = (sum of those
 // counts) + (earlier tokens of this rank with that expert), and stores each row, its scales and its
@@ -1052,16 +1052,14 @@ __device__ int wait_count(const Common& c, char* const* s_peers, int owner, int 
   return wait_count_word(c, word, s, seq, kPhaseDispatch);
 }
 
-// Phase 1: this rank's per-expert token counts to the experts' owners. s_expertCount: [numExperts].
-// Blocks [0, publishers) take kThreads experts each in turn.
+// Phase 1: this rank's per-expert token counts to the experts' owners, by one block (the receiver
+// block: a sender block doing it started its own rows last). s_expertCount: [numExperts].
 __device__ void publish_counts(const DispatchParams& p, int seq, const int* s_topk, const int* s_alive,
-                               char* const* s_peers, int* s_expertCount, int publishers) {
+                               char* const* s_peers, int* s_expertCount) {
   const Common& c = p.c;
   const int E = c.numExperts, El = c.layout.numLocalExperts, R = c.layout.numRanks;
-  const int firstExpert = blockIdx.x * blockDim.x, stride = publishers * blockDim.x;
-  if (firstExpert >= E) return;  // block-uniform: this block publishes nothing
   count_tokens_per_expert(s_topk, p.numTokens * p.numTopk, E, s_expertCount);
-  for (int e = firstExpert + threadIdx.x; e < E; e += stride) {
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
     const int owner = e / El;
     if (!s_alive[owner]) continue;
     int64_t* word = reinterpret_cast<int64_t*>(s_peers[owner] + c.parity_offset() + c.layout.countWords) +
@@ -1278,7 +1276,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
     firstFlag = c.state->alive[firstRank];
     firstPeer = c.peers[firstRank];
   }
-  const bool routes = !receiver && firstToken < T;
+  const bool routes = firstToken < T;  // every block: the receiver publishes the counts
   RoutingRow firstRow;
   if (routes) firstRow = load_routing_row(p.topkIdx, firstToken, K);
   LL_TRACE(c, seq, 0);
@@ -1295,22 +1293,25 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_direct_kernel
   }
   __syncthreads();
   if (receiver) {
-    // Call-number bookkeeping first: this block finishes last, and the atomic's round trip would
-    // follow its final wait.
+    // This rank's counts, here rather than in a sender block: block 0 did it and was the last to
+    // start its rows (trace, session 8). First thing: the peers' senders wait for them.
+    publish_counts(p, seq, s_topk, s_alive, s_peers, s_expertCount);
+    LL_TRACE(c, seq, 2);
+    // This call reads no inbox, and the previous one of the parity (in stream order) is done: a
+    // peer's next copy-engine blob of this parity may come (see await_acks). After the counts: the
+    // release store's fence would delay them.
+    send_acks(c, seq, s_alive);
+    LL_TRACE(c, seq, 11);
+    __syncthreads();  // the histogram is read before the count words overwrite it
+    // Call-number bookkeeping before the waits: this block finishes last, and the atomic's round
+    // trip would follow its final wait.
     record_call_number(c.state->dispatchDone[c.parity], c.state->dispatchSeq[c.parity], seq);
-    // Its shared histogram space holds the El * R = numExperts count words instead.
+    // Its shared routing and histogram space holds the El * R = numExperts count words now.
     finish_direct_receive(p, seq, s_alive, s_peers, s_dynamic);
     LL_TRACE(c, seq, 7);
     return;
   }
   LL_TRACE(c, seq, 1);
-  publish_counts(p, seq, s_topk, s_alive, s_peers, s_expertCount, senders);
-  LL_TRACE(c, seq, 2);
-  // This call reads no inbox, and the previous one of the parity (in stream order) is done: a peer's
-  // next copy-engine blob of this parity may come (see await_acks). After the counts: the release
-  // store's fence would delay them.
-  if (blockIdx.x == 0) send_acks(c, seq, s_alive);
-  LL_TRACE(c, seq, 11);
 
   // This block's tokens: blockIdx.x + j * senders, in batches of kPlanBatch.
   const int numMine = (T - (int)blockIdx.x + senders - 1) / senders;
