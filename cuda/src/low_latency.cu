@@ -597,7 +597,8 @@ __device__ void plan_token(const DispatchParams& p, const int* s_topk, const int
   const int K = p.numTopk;
   if (threadIdx.x < kMaxTopk) s_pos[threadIdx.x] = 0;
   __syncthreads();
-  count_earlier_tokens(s_topk, t, K, s_pos);
+  // All 16 positions here: the K <= 8 branch made the hook path's send kernel spill (8 bytes, ptxas).
+  count_earlier_tokens_of<kMaxTopk>(s_topk, t, K, s_pos, NoTracePoint{});
   __syncthreads();
   if (threadIdx.x < K) {
     const int k = threadIdx.x;
