@@ -88,6 +88,8 @@ const index = (call: number, rank: number, block: number, point: number) =>
   (((OP_INDEX * CALLS_T + call) * RANKS_T + rank) * BLOCKS_T + block) * POINTS_T + point;
 const at = (call: number, rank: number, block: number, point: number) => Number(buf[index(call, rank, block, point)]!);
 const cycles = (call: number, rank: number, block: number, point: number) => Number(buf[STAMPS + index(call, rank, block, point)]!);
+// The blocks of rank r that stamped call c (its grid).
+const blocksOf = (c: number, r: number) => Array.from({ length: BLOCKS_T }, (_, b) => b).filter((b) => at(c, r, b, 0) > 0);
 // Order the traced calls by their first stamp.
 const calls = Array.from({ length: CALLS_T }, (_, c) => c).filter((c) => at(c, 0, 0, 0) > 0);
 calls.sort((a, b) => at(a, 0, 0, 0) - at(b, 0, 0, 0));
@@ -107,7 +109,7 @@ for (const c of calls.slice(-3)) {
   prevEnd = end;
   for (let r = 0; r < R; r++) {
     const rel = (b: number, p: number) => (at(c, r, b, p) - t0) / 1000;
-    const used = Array.from({ length: BLOCKS_T }, (_, b) => b).filter((b) => at(c, r, b, 0) > 0);
+    const used = blocksOf(c, r);
     // The direct dispatch's last block publishes and receives (points 2, 11, 6, 8, 9 of its own); the others send.
     const rcv = OP === "dispatch" ? used[used.length - 1]! : -1;
     const blocks = OP === "dispatch" ? used.slice(0, -1) : used;
@@ -137,7 +139,7 @@ for (const c of calls.slice(-3)) {
 }
 if (SPAN.length > 1 && calls.length > 0) {
   const c = calls.at(-1)!;
-  const used = Array.from({ length: BLOCKS_T }, (_, b) => b).filter((b) => at(c, 0, b, 0) > 0);
+  const used = blocksOf(c, 0);
   const senders = OP === "dispatch" ? used.slice(0, -1) : used;
   const rows = senders
     .filter((b) => b % 8 === 0)

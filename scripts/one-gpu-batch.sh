@@ -66,12 +66,12 @@ STEP_ON_FAILURE=  # MPS stays off from here
 # not kept (the one above, with MPS on, is).
 if [ "${BATCH_QUICK:-0}" != 1 ]; then
   sleep 2  # the MPS server's quit is asynchronous
-  step "$BENCH_NO_MPS_LOG" "bench/low_latency.ts, MPS off" 120 \
-    "env -u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY bun bench/low_latency.ts --iterations 50"
+  NO_MPS="env -u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY"
+  step "$BENCH_NO_MPS_LOG" "bench/low_latency.ts, MPS off" 120 "$NO_MPS bun bench/low_latency.ts --iterations 50"
   # Ranks sharing one GPU announce rows with GPU-scope releases; multi-GPU runs cannot. The same
   # benchmark with system scope shows what that choice is worth here.
   step "$BENCH_NO_MPS_LOG" "bench/low_latency.ts, MPS off, BUN_EP_LL_GPU_SCOPE=0" 120 \
-    "env -u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY BUN_EP_LL_GPU_SCOPE=0 bun bench/low_latency.ts --iterations 50"
+    "$NO_MPS BUN_EP_LL_GPU_SCOPE=0 bun bench/low_latency.ts --iterations 50"
 fi
 
 {
